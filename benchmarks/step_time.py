@@ -1,0 +1,79 @@
+"""Seconds per optimisation step and achieved GFLOP/s, real architectures with random weights.
+
+The workload of issue 2: OpenAI's dVAE decoder at 256 px (32x32 tokens of 8192
+codes) + CLIP ViT-B/32 on 32 cutouts, one run, forward + backward + optimiser
+step, for each dVAE preset.  Weights are random: speed does not depend on them.
+
+    python benchmarks/step_time.py --threads 1 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipguide.optimise import Step, grid_of, make_generators, make_optimiser, code_bias
+from clipguide.latents import make_latent
+from clipguide.presets import get_preset
+from clipguide.prompts import encode_targets
+from clipguide.testing import random_clip, random_dalle_decoder
+
+DVAE_PRESETS = ("dvae-codebook", "aleph2image-delta", "aleph2image", "aleph2image-gamma")
+
+
+def build_step(cfg, decoder, clip):
+    runs = cfg.runs()
+    gens = make_generators([s for _, s in runs])
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder))
+    step = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs]), [s for _, s in runs])
+    opt = make_optimiser(cfg, [latent.param])
+
+    def once():
+        loss, _ = step.forward(gens)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        latent.end_step()
+
+    return once
+
+
+def measure(name, decoder, clip, size, cutn, steps):
+    cfg = get_preset(name).replace(prompts=("a photo of an avocado armchair",), size=size, cutn=cutn, batch=1)
+    once = build_step(cfg, decoder, clip)
+    with FlopCounterMode(display=False) as counter:
+        once()  # also the warm-up
+    gflop = counter.get_total_flops() / 1e9
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    sec = (time.perf_counter() - t0) / steps
+    return gflop, sec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up step)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--cutn", type=int, default=32)
+    p.add_argument("--presets", default=",".join(DVAE_PRESETS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    decoder, clip = random_dalle_decoder(), random_clip("ViT-B-32-quickgelu")
+    print(f"dVAE {args.size}px + ViT-B/32 x {args.cutn} cutouts, random weights; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"{'preset':20s} {'GFLOP/step':>11s} {'s/step':>8s} {'GFLOP/s':>8s}")
+    for name in args.presets.split(","):
+        gflop, sec = measure(name, decoder, clip, args.size, args.cutn, args.steps)
+        print(f"{name:20s} {gflop:11.1f} {sec:8.2f} {gflop / sec:8.1f}", flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The one configuration of a run.
+
+:class:`RunConfig` holds every knob of a generation run.  Presets are named
+``RunConfig`` values (``clipguide.presets``), the CLI builds its flags from the
+fields below (their ``help`` is the comment), and every output stores the config
+as JSON so a run can be replayed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    """A dataclass field whose help text (and choices) the CLI reads."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LATENTS = ("categorical", "parity-softmax", "parity-gumbel", "spatial-gumbel", "softmax")
+INITS = ("randn", "onehot", "onehot-codes", "uniform")
+DISPLAYS = ("argmax", "soft", "sharpie")
+CUTS = ("crowson", "uniform", "normal")
+LOSSES = ("spherical", "cosine")
+OPTIMISERS = ("adam", "adamw")
+
+
+@dataclass
+class RunConfig:
+    # what to make
+    prompts: tuple[str, ...] = _f((), "prompts, one run each ('text:weight:stop | text2' weighs several)")
+    seed: int = _f(0, "seed of the first run; run i of a prompt uses seed + i")
+    batch: int = _f(1, "independent runs (seeds) per prompt, optimised together in one batch")
+    steps: int = _f(300, "optimiser steps")
+    snapshots: tuple[int, ...] = _f((), "steps at which to keep the image, e.g. 100,600,4000 (0 = initial decode)")
+    size: int = _f(128, "output side in pixels; a multiple of the decoder's downsampling factor")
+    # models
+    decoder: str = _f("shapes-dvae", "decoder: shapes-dvae, dalle, or a path (decoder.pkl, model .json)")
+    clip: str = _f("shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json")
+    device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    # latent parametrisation and relaxation (methods.md §2, §5)
+    latent: str = _f("categorical", "parametrisation of the token logits", LATENTS)
+    init: str = _f("randn", "initial logits", INITS)
+    init_codes: tuple[int, ...] = _f((), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
+    init_scale: float = _f(1.0, "std of init=randn; value of the chosen code for one-hot inits")
+    temperature: float = _f(1.0, "inverse temperature multiplying the logits ('hadies')")
+    temperature_decay: float = _f(1.0, "the inverse temperature is divided by this after every step")
+    temperature_floor: float = _f(0.0, "lower bound of the decayed inverse temperature")
+    blacklist: bool = _f(False, "bias the OpenAI dVAE's blacklisted codes by -100 (Crowson)")
+    # decoding
+    noise_scale: float = _f(0.0, "Laplace pixel noise of the dVAE's output distribution while training (Crowson: 1)")
+    display_noise: bool = _f(False, "also sample the pixel noise in snapshots (Crowson's sample_outputs)")
+    clamp_grad: bool = _f(True, "clamp pixels with a gradient that pushes back into range (Crowson's ClampWithGrad)")
+    display: str = _f("argmax", "how snapshots decode the latent", DISPLAYS)
+    # cutouts (what CLIP sees each step)
+    cutn: int = _f(32, "cutouts per run and step")
+    cut: str = _f("crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
+    cut_pow: float = _f(1.0, "Crowson's size exponent (1 = uniform sizes)")
+    cut_range: tuple[float, ...] = _f((), "size law parameters as fractions of the side (uniform: lo,hi; normal: mean,std,lo,hi)")
+    cut_resample: str = _f("lanczos", "cutout resizing: lanczos (anti-aliased, Crowson) or bilinear (Aleph2Image)", ("lanczos", "bilinear"))
+    cut_noise: float = _f(0.0, "Gaussian noise added to the cutouts, times one U(0,1) per step (Aleph2Image Delta: 0.2)")
+    cut_flip: bool = _f(False, "random horizontal flips of the cutouts")
+    # loss
+    loss: str = _f("spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
+    loss_scale: float = _f(1.0, "multiplier of the prompt loss (Aleph2Image: 10)")
+    tv_weight: float = _f(0.0, "total-variation weight (Crowson's tv_weight; applied as /4)")
+    # optimiser
+    optimiser: str = _f("adamw", "optimiser", OPTIMISERS)
+    lr: float = _f(0.05, "learning rate")
+    lr_growth: float = _f(1.0, "the learning rate is multiplied by this after every step (Aleph2Image Delta: 1.005)")
+    lr_warmup: int = _f(0, "steps of linear learning-rate warm-up (independent of --steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+
+    def __post_init__(self):
+        self.prompts = tuple(self.prompts)
+        self.snapshots = tuple(sorted(set(int(s) for s in self.snapshots)))
+        self.init_codes = tuple(int(c) for c in self.init_codes)
+        self.cut_range = tuple(float(c) for c in self.cut_range)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field and what would be valid."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{_flag(f.name)} {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be a positive number of steps, got {self.steps}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be at least 1, got {self.batch}")
+        if self.cutn < 1:
+            raise ConfigError(f"--cutn must be at least 1, got {self.cutn}")
+        if self.size < 8:
+            raise ConfigError(f"--size must be at least 8 pixels, got {self.size}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        bad = [s for s in self.snapshots if s < 0 or s > self.steps]
+        if bad:
+            raise ConfigError(f"--snapshots {bad[0]} is outside 0..{self.steps}: raise --steps or drop that snapshot")
+        if self.init == "onehot-codes" and not self.init_codes:
+            raise ConfigError("--init onehot-codes needs --init-codes, e.g. --init-codes 4846,4368,7675")
+        need = {"uniform": 2, "normal": 4}.get(self.cut)
+        if need and len(self.cut_range) != need:
+            raise ConfigError(f"--cut {self.cut} needs --cut-range with {need} numbers, got {len(self.cut_range)}")
+        for p in self.prompts:
+            if not p.strip():
+                raise ConfigError("empty prompt: give some text, e.g. clipguide generate \"a red circle on a blue background\"")
+
+    def runs(self) -> list[tuple[str, int]]:
+        """The independent runs of this config: (prompt, seed), prompt-major."""
+        return [(p, self.seed + i) for p in self.prompts for i in range(self.batch)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_types() -> dict[str, type]:
+    """Field name -> resolved annotation, for the CLI."""
+    return typing.get_type_hints(RunConfig)

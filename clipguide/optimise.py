@@ -1,0 +1,211 @@
+"""The optimisation loop: one plain entry point, :func:`optimise`.
+
+CLIP-guided generation through a discrete decoder (advadnoun's Aleph2Image,
+Crowson's dVAE+CLIP; methods.md §2, §5): token logits are relaxed into code
+weights, decoded to pixels, cut into random crops, embedded by CLIP and pulled
+toward the prompt's text embeddings.  A batch holds independent runs (prompts x
+seeds); each run draws all its randomness from its own ``torch.Generator``, so
+the same seed, batch and thread count give the same image bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .cutouts import make_cutouts
+from .errors import ConfigError
+from .latents import Latent, make_latent
+from .losses import LOSSES, prompt_similarity
+from .ops import clamp_with_grad, laplace_noise, tv_loss
+from .prompts import encode_targets
+
+
+@dataclass(frozen=True, eq=False)
+class StepState:
+    """What a callback sees after ``step`` optimiser updates (step 0: the initial latent)."""
+
+    step: int
+    steps: int
+    loss: torch.Tensor  # [B] per-run loss at this step
+    similarity: torch.Tensor  # [B] CLIP cosine to the prompt's positive targets
+    lr: float
+    runs: list
+    config: RunConfig
+    _image: Callable[[], torch.Tensor] = field(repr=False, default=None)
+
+    def image(self) -> torch.Tensor:
+        """Display decode of the current latent, [B, 3, H, W] in [0, 1] on the CPU (computed once)."""
+        return self._image()
+
+
+@dataclass(eq=False)
+class Result:
+    images: torch.Tensor  # [B, 3, H, W] final images in [0, 1] (CPU)
+    snapshots: dict  # step -> [B, 3, H, W] images at config.snapshots (CPU)
+    losses: torch.Tensor  # [steps_done + 1, B]
+    similarities: torch.Tensor  # [steps_done + 1, B]
+    config: RunConfig
+    runs: list  # [(prompt, seed)] in batch order
+    steps_done: int
+    interrupted: bool
+    latent: torch.Tensor  # final optimised parameter (CPU)
+
+
+def make_generators(seeds: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per run: CPU draws make seeds portable across devices."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def display_seed(seed: int, step: int) -> int:
+    """A seed for snapshot-time noise that depends only on (run seed, step)."""
+    return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1)[0])
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Learning rate of update ``step`` (0-based); independent of the run length, so a
+    k-step run and the first k steps of a longer run are the same computation."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
+    return cfg.lr * cfg.lr_growth**step * warm
+
+
+def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
+    f = decoder.downsample
+    if cfg.size % f:
+        lo, hi = cfg.size // f * f, (cfg.size // f + 1) * f
+        raise ConfigError(f"--size {cfg.size} is not a multiple of the decoder's factor {f}: use {lo or f} or {hi}")
+    return cfg.size // f, cfg.size // f
+
+
+def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
+    """Crowson's -100 logit bias on blacklisted codes, or None."""
+    from .presets import dalle_blacklist
+
+    codes = dalle_blacklist(decoder.vocab_size) if cfg.blacklist else []
+    if not codes:
+        return None
+    bias = torch.zeros(decoder.vocab_size)
+    bias[codes] = -100.0
+    return bias
+
+
+class Step:
+    """The forward computation of one step for a batch of runs."""
+
+    def __init__(self, cfg, decoder, clip, latent: Latent, targets, seeds):
+        self.cfg, self.decoder, self.clip, self.latent = cfg, decoder, clip, latent
+        self.embeds, self.weights, self.stops = (t.to(cfg.device) for t in targets)
+        self.seeds = seeds
+        self.loss_fn = LOSSES[cfg.loss]
+
+    def pixels(self, codes, noise=None):
+        x = self.decoder.decode(codes, noise)
+        return clamp_with_grad(x, 0, 1) if self.cfg.clamp_grad else x.clamp(0, 1)
+
+    def noise(self, gens, shape):
+        if not self.cfg.noise_scale:
+            return None
+        n = torch.stack([laplace_noise(shape, g, self.cfg.device) for g in gens])
+        return self.cfg.noise_scale * n
+
+    def forward(self, gens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-run (loss [B], similarity [B]) at the current latent, drawing from ``gens``."""
+        cfg = self.cfg
+        codes = self.latent.relax(gens)
+        side = cfg.size
+        img = self.pixels(codes, self.noise(gens, (3, side, side)))
+        cuts = make_cutouts(img, cfg, self.clip.image_size, gens)
+        emb = self.clip.encode_image(cuts).view(len(gens), cfg.cutn, -1)
+        loss = cfg.loss_scale * self.loss_fn(emb, self.embeds, self.weights, self.stops)
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight / 4 * tv_loss(img)
+        return loss, prompt_similarity(emb.detach(), self.embeds, self.weights)
+
+    @torch.no_grad()
+    def display(self, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        codes = self.latent.display(cfg.display)
+        noise = None
+        if cfg.display_noise and cfg.noise_scale:
+            noise = self.noise(make_generators(display_seed(s, step) for s in self.seeds), (3, cfg.size, cfg.size))
+        return self.decoder.decode(codes, noise).clamp(0, 1).float().cpu()
+
+
+def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimiser == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None] | list | None = None) -> Result:
+    """Optimise ``cfg.runs()`` (prompts x seeds) together for ``cfg.steps`` steps.
+
+    ``callback(state)`` is called at every step 0..steps (after that many updates).
+    Ctrl-C stops the loop cleanly: the partial :class:`Result` has ``interrupted``
+    set and the images of the last completed step.  Nothing is written to disk.
+    """
+    if not cfg.prompts:
+        raise ConfigError("no prompt given: pass at least one prompt")
+    callbacks = callback if isinstance(callback, list) else [callback] if callback else []
+    runs = cfg.runs()
+    seeds = [s for _, s in runs]
+    gens = make_generators(seeds)
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder)).to(cfg.device)
+    step_fn = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs]), seeds)
+    opt = make_optimiser(cfg, [latent.param])
+    losses, sims, snaps = [], [], {}
+    done, interrupted, image = 0, False, None
+    try:
+        for k in range(cfg.steps + 1):
+            last = k == cfg.steps
+            with torch.no_grad() if last else contextlib.nullcontext():
+                loss, sim = step_fn.forward(gens)
+            losses.append(loss.detach().cpu())
+            sims.append(sim.cpu())
+            image = _lazy(step_fn.display, k)
+            if k in cfg.snapshots:
+                snaps[k] = image()
+            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, image)
+            for cb in callbacks:
+                cb(state)
+            if last:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, k)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()  # runs are independent: each gets its own gradient
+            opt.step()
+            latent.end_step()
+            done = k + 1
+    except KeyboardInterrupt:
+        interrupted = True
+    if image is None or len(losses) != done + 1:
+        image = _lazy(step_fn.display, done)
+    return Result(
+        images=image(),
+        snapshots=snaps,
+        losses=torch.stack(losses[: done + 1]) if losses else torch.empty(0, len(runs)),
+        similarities=torch.stack(sims[: done + 1]) if sims else torch.empty(0, len(runs)),
+        config=cfg,
+        runs=runs,
+        steps_done=done,
+        interrupted=interrupted,
+        latent=latent.param.detach().cpu(),
+    )
+
+
+def _lazy(fn, *args):
+    """A zero-argument function computing ``fn(*args)`` once."""
+    cache = []
+
+    def get():
+        if not cache:
+            cache.append(fn(*args))
+        return cache[0]
+
+    return get

@@ -1,0 +1,110 @@
+"""Presets: named :class:`RunConfig` values reproducing the 2021 recipes.
+
+Every preset is faithful to its notebook as methods.md describes it unless its
+``deviations`` say otherwise.  Deviations common to all of them:
+
+* randomness comes from per-run ``torch.Generator`` s instead of the global RNG,
+  so the numbers drawn differ from the notebooks' (the distributions do not);
+* CLIP is open_clip's port of OpenAI's ViT-B/32 (QuickGELU), not ``clip.load``
+  with ``jit=True`` (which only ran on torch 1.7.1);
+* the notebooks ran until interrupted or for 10 000 steps; ``steps`` bounds the run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from dataclasses import dataclass
+
+from .config import RunConfig
+from .decoders import PACKAGE_DIR
+from .errors import ConfigError
+
+REAL = dict(decoder="dalle", clip="ViT-B-32/openai")
+ALEPH = dict(**REAL, size=512, loss="cosine", loss_scale=10.0, optimiser="adam", clamp_grad=False, cutn=64, cut_resample="bilinear", steps=10000)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: RunConfig
+    summary: str
+    deviations: str = ""
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _add(name: str, summary: str, deviations: str = "", **fields) -> None:
+    PRESETS[name] = Preset(name, RunConfig(**fields), summary, deviations)
+
+
+_add(
+    "dvae-codebook",
+    "Crowson's 'OpenAI dVAE+CLIP' (2021): straight-through categorical sampling over the DALL-E "
+    "codebook, AdamW 0.05, spherical-distance loss, Laplace output sampling, code blacklist (methods.md §2).",
+    "The notebook loops until interrupted; here 1000 steps by default. Snapshots decode the argmax "
+    "tokens with a Laplace pixel sample seeded by (seed, step), as the notebook's checkin samples.",
+    **REAL, size=480, steps=1000, latent="categorical", init="randn", blacklist=True, noise_scale=1.0,
+    display_noise=True, display="argmax", cutn=64, cut="crowson", cut_pow=1.0, cut_resample="lanczos",
+    loss="spherical", optimiser="adamw", lr=0.05,
+)
+_add(
+    "aleph2image-delta",
+    "advadnoun's Aleph2Image (Delta): exact one-hot init, parity-split softmax, 64 cutouts of 0.8-0.99 "
+    "bilinear + shared noise, -10·cosine loss, Adam 0.05 with lr ×1.005 per step, 'sharpie' decode (methods.md §5.1).",
+    "The notebook displays the soft mix at its checkins and the 'sharpie' (per-parity-group argmax) decode "
+    "once at the end; here every snapshot is the sharpie decode, so a snapshot at step k is the image a "
+    "k-step run ends on (pass --display soft for the checkin view).",
+    **ALEPH, latent="parity-softmax", init="onehot", display="sharpie", cut="uniform",
+    cut_range=(0.8, 0.99), cut_noise=0.2, lr=0.05, lr_growth=1.005,
+)
+_add(
+    "aleph2image",
+    "advadnoun's first Aleph2Image (Jan 2021): randn logits, Gumbel-softmax (τ=1) over the spatial "
+    "positions of each code, 64 cutouts of N(0.8, 0.3) clipped to 0.5-0.98, -10·cosine loss, Adam 0.1 (methods.md §5.2).",
+    "The notebook's checkin decodes a fresh Gumbel sample; snapshots here decode the noise-free softmax, "
+    "so they are deterministic.",
+    **ALEPH, latent="spatial-gumbel", init="randn", display="soft", cut="normal",
+    cut_range=(0.8, 0.3, 0.5, 0.98), lr=0.1,
+)
+_add(
+    "aleph2image-gamma",
+    "Aleph2Image (Gamma): one-hot init on codes 4846/4368/7675, parity-split Gumbel-softmax with inverse "
+    "temperature 16 ÷1.01 per step (floor 1.5), batch 2, Adam 0.01 with lr ×1.015 per step (methods.md §5.3).",
+    "Known only from a script port ('originally' values; medium confidence); its run length is unknown: "
+    "1000 steps here. Snapshots use the sharpie decode (see aleph2image-delta). Codes beyond a smaller "
+    "decoder's vocabulary are taken modulo its size.",
+    **{**ALEPH, "steps": 1000}, latent="parity-gumbel", init="onehot-codes", init_codes=(4846, 4368, 7675),
+    temperature=16.0, temperature_decay=1.01, temperature_floor=1.5, batch=2, display="sharpie",
+    cut="normal", cut_range=(0.8, 0.3, 0.5, 0.98), lr=0.01, lr_growth=1.015,
+)
+_add(
+    "shapes",
+    "clipguide's default recipe, tuned on the offline shapes world: straight-through categorical "
+    "sampling with flipped, noisy cutouts over the shipped shapes-world CLIP and dVAE.",
+    **dict(decoder="shapes-dvae", clip="shapes", size=128, steps=300, latent="categorical", init="randn",
+           cutn=16, cut="crowson", cut_flip=True, loss="spherical", optimiser="adamw", lr=0.1),
+)
+
+DEFAULT_PRESET = "shapes"
+
+
+def get_preset(name: str) -> RunConfig:
+    """The config of a preset, or a ConfigError naming the closest ones."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3) or list(PRESETS)
+        raise ConfigError(f"unknown preset {name!r}: did you mean {', '.join(close)}? (clipguide presets lists them)")
+    return PRESETS[name].config
+
+
+@functools.lru_cache(maxsize=None)
+def _blacklist_file() -> dict:
+    return json.loads((PACKAGE_DIR / "data" / "dalle_code_blacklist.json").read_text())
+
+
+def dalle_blacklist(vocab: int) -> list[int]:
+    """Crowson's blacklist of 363 DALL-E codes (biased by -100); only meaningful for
+    OpenAI's 8192-code decoder, so any other vocabulary gets none."""
+    return _blacklist_file()["codes"] if vocab == 8192 else []

@@ -1,0 +1,145 @@
+"""The optimisation loop, latents, losses and presets on tiny random-weight models."""
+
+import math
+
+import pytest
+import torch
+
+from clipguide import RunConfig, get_preset, optimise
+from clipguide.latents import make_latent
+from clipguide.losses import spherical_loss
+from clipguide.optimise import make_generators
+from clipguide.presets import PRESETS, dalle_blacklist
+
+SMALL = dict(size=32, cutn=3, decoder="test", clip="test")
+
+
+def cfg_of(preset="shapes", **kw):
+    return get_preset(preset).replace(**{**SMALL, "prompts": ("a red circle",), "steps": 3, **kw})
+
+
+def test_same_seed_same_image_bit_for_bit(tiny_dvae, tiny_clip):
+    cfg = cfg_of(prompts=("a red circle", "blue:-0.5 | a square"), batch=2, steps=4)
+    a, b = optimise(cfg, tiny_dvae, tiny_clip), optimise(cfg, tiny_dvae, tiny_clip)
+    assert torch.equal(a.images, b.images) and torch.equal(a.latent, b.latent)
+    assert torch.equal(a.losses, b.losses)
+    c = optimise(cfg.replace(seed=1), tiny_dvae, tiny_clip)
+    assert not torch.equal(a.latent, c.latent)
+
+
+@pytest.mark.parametrize("preset", ["dvae-codebook", "aleph2image-delta", "aleph2image-gamma", "aleph2image", "shapes"])
+def test_snapshot_k_equals_final_image_of_k_step_run(tiny_dvae, tiny_clip, preset):
+    long = optimise(cfg_of(preset, steps=5, snapshots=(0, 3, 5)), tiny_dvae, tiny_clip)
+    short = optimise(cfg_of(preset, steps=3), tiny_dvae, tiny_clip)
+    assert set(long.snapshots) == {0, 3, 5}
+    assert torch.equal(long.snapshots[3], short.images)
+    assert torch.equal(long.snapshots[5], long.images)
+    assert not torch.equal(long.snapshots[0], long.images), "the image should change while optimising"
+
+
+def test_run_in_batch_starts_like_solo_run(tiny_dvae, tiny_clip):
+    solo = optimise(cfg_of(prompts=("a red circle",), seed=7, steps=1), tiny_dvae, tiny_clip)
+    both = optimise(cfg_of(prompts=("a blue square", "a red circle"), seed=7, steps=1), tiny_dvae, tiny_clip)
+    # Same seed -> same initial logits and the same cutout draws, whatever shares the batch.
+    assert torch.allclose(both.losses[0, 1], solo.losses[0, 0], atol=1e-5)
+    assert not torch.allclose(both.losses[0, 0], both.losses[0, 1])
+
+
+def test_loss_decreases_over_steps(tiny_dvae, tiny_clip):
+    r = optimise(cfg_of(steps=25, cutn=4, lr=0.2), tiny_dvae, tiny_clip)
+    assert r.losses[-5:].mean() < r.losses[:5].mean()
+    assert r.similarities[-5:].mean() > r.similarities[:5].mean()
+
+
+def test_callback_sees_every_step_and_interrupt_returns_partial(tiny_dvae, tiny_clip):
+    seen = []
+
+    def cb(state):
+        seen.append(state.step)
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    r = optimise(cfg_of(steps=10), tiny_dvae, tiny_clip, cb)
+    assert seen == [0, 1, 2] and r.interrupted and r.steps_done == 2
+    ref = optimise(cfg_of(steps=2), tiny_dvae, tiny_clip)
+    assert torch.equal(r.images, ref.images)
+
+
+def test_lr_growth_and_temperature_decay(tiny_dvae, tiny_clip):
+    from clipguide.optimise import lr_at
+
+    cfg = cfg_of("aleph2image-delta")
+    assert math.isclose(lr_at(cfg, 1000), 0.05 * 1.005**1000)
+    cfg = cfg_of("aleph2image-gamma")
+    lat = make_latent(cfg, 512, (2, 2), make_generators([0]))
+    for _ in range(400):
+        lat.end_step()
+    assert lat.beta == 1.5  # 16 / 1.01**400 < 1.5 -> floor
+
+
+def test_parity_softmax_is_two_softmaxes_per_position():
+    cfg = RunConfig(latent="parity-softmax", init="randn")
+    lat = make_latent(cfg, 16, (3, 3), make_generators([0]))
+    x = lat.relax(make_generators([0]))  # [1, 16, 3, 3]
+    assert torch.allclose(x.sum(1), torch.full((1, 3, 3), 2.0))
+    assert torch.allclose(x[:, 0::2].sum(1), torch.ones(1, 3, 3))
+    sharp = lat.display("sharpie")
+    assert torch.equal(sharp[:, 0::2].sum(1), torch.ones(1, 3, 3)) and torch.equal(sharp[:, 1::2].sum(1), torch.ones(1, 3, 3))
+
+
+def test_spatial_gumbel_normalises_over_positions():
+    lat = make_latent(RunConfig(latent="spatial-gumbel"), 8, (4, 4), make_generators([0]))
+    x = lat.relax(make_generators([1]))
+    assert torch.allclose(x.flatten(2).sum(-1), torch.ones(1, 8))
+
+
+def test_categorical_forward_is_one_hot_backward_reaches_logits():
+    lat = make_latent(RunConfig(latent="categorical"), 8, (2, 2), make_generators([0]))
+    x = lat.relax(make_generators([1]))
+    assert torch.equal(x.sum(1), torch.ones(1, 2, 2)) and set(x.unique().tolist()) == {0.0, 1.0}
+    (x * torch.arange(8.0)[None, :, None, None]).sum().backward()
+    assert lat.param.grad is not None and lat.param.grad.abs().sum() > 0
+
+
+def test_onehot_init_and_codes_init():
+    lat = make_latent(RunConfig(latent="parity-softmax", init="onehot"), 16, (4, 4), make_generators([0]))
+    p = lat.param.detach()
+    assert torch.equal(p.sum(1), torch.ones(1, 4, 4)) and p[:, -1].sum() == 0  # code V-1 is never drawn
+    cfg = RunConfig(latent="parity-gumbel", init="onehot-codes", init_codes=(3, 5, 7))
+    p = make_latent(cfg, 16, (4, 4), make_generators([0])).param.detach()
+    assert set(p.argmax(1).unique().tolist()) <= {3, 5, 7}
+
+
+def test_spherical_loss_stop_cuts_the_gradient():
+    emb = torch.randn(1, 4, 8, requires_grad=True)
+    target = emb.detach()[:, :1] + 0.01 * torch.randn(1, 1, 8)
+    w = torch.ones(1, 1)
+    spherical_loss(emb, target, w, torch.full((1, 1), 10.0)).sum().backward()
+    assert emb.grad.abs().sum() == 0
+    emb.grad = None
+    spherical_loss(emb, target, w, torch.full((1, 1), -math.inf)).sum().backward()
+    assert emb.grad.abs().sum() > 0
+
+
+def test_negative_weight_pushes_away():
+    emb = torch.randn(1, 4, 8, requires_grad=True)
+    target = torch.randn(1, 1, 8)
+    stops = torch.full((1, 1), -math.inf)
+    pos = torch.autograd.grad(spherical_loss(emb, target, torch.ones(1, 1), stops).sum(), emb)[0]
+    neg = torch.autograd.grad(spherical_loss(emb, target, -torch.ones(1, 1), stops).sum(), emb)[0]
+    assert torch.allclose(pos, -neg)
+
+
+def test_blacklist_bias_applies_only_to_openai_vocab():
+    assert len(dalle_blacklist(8192)) == 363 and dalle_blacklist(512) == []
+
+
+def test_presets_are_faithful_configs():
+    d = PRESETS["aleph2image-delta"].config
+    assert (d.latent, d.init, d.cutn, d.cut_range, d.cut_noise, d.loss, d.loss_scale, d.lr, d.lr_growth, d.optimiser) == (
+        "parity-softmax", "onehot", 64, (0.8, 0.99), 0.2, "cosine", 10.0, 0.05, 1.005, "adam")
+    c = PRESETS["dvae-codebook"].config
+    assert (c.latent, c.blacklist, c.noise_scale, c.optimiser, c.lr, c.cutn, c.loss, c.size) == (
+        "categorical", True, 1.0, "adamw", 0.05, 64, "spherical", 480)
+    g = PRESETS["aleph2image-gamma"].config
+    assert (g.temperature, g.temperature_decay, g.temperature_floor, g.batch, g.lr, g.lr_growth) == (16.0, 1.01, 1.5, 2, 0.01, 1.015)

@@ -1,0 +1,228 @@
+"""Shapes world: scenes, pixel judge and the shipped tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipguide.errors import ConfigError
+from clipguide.shapes import judge as J
+from clipguide.shapes import scenes as S
+
+MODELS = Path(S.__file__).resolve().parent / "models"
+# floors slightly under the judge's shape accuracy measured on the shipped decoders' reconstructions
+DVAE_SHAPE_FLOOR = 0.8
+VQGAN_SHAPE_FLOOR = 0.8
+
+
+# ----------------------------------------------------------------------------- scenes
+def test_scenes_deterministic_from_seed():
+    a, b = S.sample_scenes(50, 3), S.sample_scenes(50, 3)
+    assert a == b
+    assert np.array_equal(S.render(a), S.render(b))
+    assert S.sample_scenes(50, 4) != a
+    assert S.sample_scenes(20, rng=np.random.default_rng(9)) == S.sample_scenes(20, 9)
+    assert np.array_equal(S.render_distractors(10, 5), S.render_distractors(10, 5))
+
+
+def test_scene_attributes_and_render():
+    sc = S.sample_scenes(300, 0)
+    assert all(s.colour != s.background for s in sc)
+    assert {s.shape for s in sc} == set(S.SHAPES)
+    assert {s.colour for s in sc} == set(S.COLOURS)
+    im = S.render(sc[:5], size=64)
+    assert im.shape == (5, 64, 64, 3) and im.dtype == np.uint8
+    t = S.to_tensor(im)
+    assert tuple(t.shape) == (5, 3, 64, 64) and float(t.min()) >= 0 and float(t.max()) <= 1
+    with pytest.raises(ConfigError):
+        S.Scene("red", "circle", "red")
+    with pytest.raises(ConfigError):
+        S.Scene("red", "hexagon", "blue")
+
+
+def test_caption_templates_and_parsing():
+    s = S.Scene("red", "triangle", "blue")
+    assert S.caption(s, 0) == "a red triangle on a blue background"
+    assert S.TEMPLATES[0] == "a {colour} {shape} on a {background} background"
+    assert len(S.TEMPLATES) >= 3
+    assert S.parse_caption("a red triangle on a blue background") == ("red", "triangle", "blue")
+    with pytest.raises(ConfigError):
+        S.parse_caption("a red hexagon on a blue background")
+    for k, t in enumerate(S.TEMPLATES):
+        c, sh, bg = S.attributes_of_prompt(S.caption(s, k))
+        assert (c, sh) == ("red", "triangle"), t
+        assert bg == ("blue" if "{background}" in t else None), t
+    assert S.attributes_of_prompt("a green square on a white background:1.5") == ("green", "square", "white")
+    assert len(S.canonical_prompts()) == 8 * 3 * 7
+    g = np.random.default_rng(1)
+    assert S.caption(s, g) in {S.caption(s, k) for k in range(len(S.TEMPLATES))}
+
+
+# ----------------------------------------------------------------------------- judge
+def test_judge_accuracy_on_rendered_scenes():
+    sc = S.sample_scenes(300, 11)
+    acc = J.accuracy(J.judge_batch(S.render(sc, 128)), [s.attributes for s in sc])
+    assert min(acc["colour"], acc["shape"], acc["background"]) >= 0.99, acc
+    sc = S.sample_scenes(100, 12)
+    acc = J.accuracy(J.judge_batch(S.render(sc, 64)), [s.attributes for s in sc])
+    assert acc["all"] >= 0.99, acc
+
+
+def test_judge_input_types():
+    from PIL import Image
+
+    s = S.Scene("yellow", "square", "purple", 0.4, 0.6, 0.4)
+    im = S.render(s)[0]
+    want = ("yellow", "square", "purple")
+    assert J.judge(im).attributes == want
+    assert J.judge(Image.fromarray(im)).attributes == want
+    assert J.judge(S.to_tensor(im)[0]).attributes == want
+    assert J.judge(im).all_match(*want) and not J.judge(im).all_match("red", None, None)
+
+
+@pytest.mark.parametrize("kind", ["mosaic", "noise", "multiblob", "texture", "speckle", "stripes"])
+def test_judge_rejects_textures_mosaics_and_multiple_blobs(kind):
+    ims = S.render_distractors(60, 21, kinds=(kind,))
+    accepted = sum(J.judge(im).shape is not None for im in ims)
+    assert accepted <= 2, f"{kind}: {accepted}/60 accepted as one shape"
+
+
+def test_judge_rejects_hand_made_fooling_images():
+    size = 128
+    blue, red = S.COLOURS["blue"], S.COLOURS["red"]
+    # checkerboard of red cells inside a square region: right colours, no coherent shape
+    im = np.empty((size, size, 3), np.uint8)
+    im[:] = blue
+    yy, xx = np.mgrid[0:size, 0:size]
+    region = (abs(yy - 64) < 30) & (abs(xx - 64) < 30)
+    im[region & (((yy // 6) + (xx // 6)) % 2 == 0)] = red
+    v = J.judge(im)
+    assert v.background == "blue" and v.shape is None
+    # two separate red circles
+    im[:] = blue
+    im[S.shape_mask("circle", 0.3, 0.3, 0.3, size)] = red
+    im[S.shape_mask("circle", 0.7, 0.7, 0.3, size)] = red
+    assert J.judge(im).shape is None
+    # a red ring (square with a big hole)
+    im[:] = blue
+    im[S.shape_mask("square", 0.5, 0.5, 0.6, size)] = red
+    im[S.shape_mask("square", 0.5, 0.5, 0.4, size)] = blue
+    assert J.judge(im).shape is None
+    # a clean square is accepted (the checks above can fail)
+    im[:] = blue
+    im[S.shape_mask("square", 0.5, 0.5, 0.5, size)] = red
+    assert J.judge(im).attributes == ("red", "square", "blue")
+
+
+# ----------------------------------------------------------------------------- shipped models
+def _meta(name):
+    p = MODELS / f"{name}.json"
+    if not p.exists():
+        pytest.fail(f"{p} missing: run `python -m clipguide.shapes.train`")
+    return json.loads(p.read_text())
+
+
+def test_shipped_files_size_and_presence():
+    names = [f"shapes-{k}.{e}" for k in ("clip", "dvae", "vqgan") for e in ("safetensors", "json")] + ["MODEL_CARD.md"]
+    for n in names:
+        assert (MODELS / n).exists(), n
+    total = sum((MODELS / n).stat().st_size for n in names)
+    assert total <= 30 * 1024 * 1024, total
+    m = _meta("shapes-clip")
+    for key in ("kind", "model_name", "model_cfg", "image_size", "context_length", "mean", "std", "trained_by"):
+        assert key in m, key
+    assert m["kind"] == "open_clip" and m["model_name"] == "shapes-vit"
+
+
+def test_shipped_clip_zero_shot():
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import load_file
+
+    m = _meta("shapes-clip")
+    cfg = m["model_cfg"]
+    model = open_clip.CLIP(cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                           quick_gelu=cfg.get("quick_gelu", False))
+    model.load_state_dict(load_file(str(MODELS / "shapes-clip.safetensors")))
+    model.eval()
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=m["context_length"])
+    prompts = S.canonical_prompts()
+    sc = S.sample_scenes(150, 2024)
+    x = S.to_tensor(S.render(sc, 128))
+    x = torch.nn.functional.interpolate(x, size=(m["image_size"],) * 2, mode="bilinear", antialias=True)
+    x = (x - torch.tensor(m["mean"]).view(1, 3, 1, 1)) / torch.tensor(m["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        t = model.encode_text(tok([p for p, _ in prompts]), normalize=True)
+        f = model.encode_image(x, normalize=True)
+    best = (f @ t.T).argmax(1).tolist()
+    for i, name in enumerate(("colour", "shape", "background")):
+        acc = np.mean([prompts[b][1][i] == s.attributes[i] for b, s in zip(best, sc)])
+        assert acc >= 0.98, (name, acc)
+
+
+def _recon_accuracy(reconstruct, n=32, seed=77):
+    sc = S.sample_scenes(n, seed)
+    x = S.to_tensor(S.render(sc, 128))
+    r = reconstruct(x)
+    return J.accuracy(J.judge_batch(r), [s.attributes for s in sc])
+
+
+def test_shipped_dvae_reconstructions_are_judged_right():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("dall_e")
+    from dall_e import Decoder, Encoder, map_pixels, unmap_pixels
+    from safetensors.torch import load_file
+
+    m = _meta("shapes-dvae")
+    sd = load_file(str(MODELS / "shapes-dvae.safetensors"))
+    enc, dec = Encoder(**m["encoder"]), Decoder(**m["decoder"])
+    enc.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")})
+    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")})
+
+    def rec(x):
+        with torch.no_grad():
+            z = enc(map_pixels(x)).argmax(1)
+            assert tuple(z.shape[1:]) == (16, 16)
+            oh = torch.nn.functional.one_hot(z, m["encoder"]["vocab_size"]).permute(0, 3, 1, 2).float()
+            return unmap_pixels(torch.sigmoid(dec(oh)[:, :3].float()))
+
+    acc = _recon_accuracy(rec)
+    assert min(acc["colour"], acc["background"]) >= 0.95 and acc["shape"] >= DVAE_SHAPE_FLOOR, acc
+
+
+def test_shipped_vqgan_reconstructions_are_judged_right():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("taming.modules.diffusionmodules.model")
+    from safetensors.torch import load_file
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.vqvae.quantize import VectorQuantizer2
+
+    m = _meta("shapes-vqgan")
+    dd = m["ddconfig"]
+    mod = torch.nn.Module()
+    mod.encoder, mod.decoder = Encoder(**dd), Decoder(**dd)
+    mod.quant_conv = torch.nn.Conv2d(dd["z_channels"], m["embed_dim"], 1)
+    mod.post_quant_conv = torch.nn.Conv2d(m["embed_dim"], dd["z_channels"], 1)
+    mod.quantize = VectorQuantizer2(m["n_embed"], m["embed_dim"], beta=0.25, legacy=False)
+    mod.load_state_dict(load_file(str(MODELS / "shapes-vqgan.safetensors")))
+    mod.eval()
+
+    def rec(x):
+        with torch.no_grad():
+            zq, _, _ = mod.quantize(mod.quant_conv(mod.encoder(x * 2 - 1)))
+            assert tuple(zq.shape[2:]) == (16, 16)
+            return ((mod.decoder(mod.post_quant_conv(zq)) + 1) / 2).clamp(0, 1)
+
+    acc = _recon_accuracy(rec)
+    assert min(acc["colour"], acc["background"]) >= 0.95 and acc["shape"] >= VQGAN_SHAPE_FLOOR, acc
+
+
+@pytest.mark.slow
+def test_train_smoke(tmp_path):
+    from clipguide.shapes import train as T
+
+    assert T.main(["--out", str(tmp_path), "--only", "dvae", "--steps", "3"]) == 0
+    assert (tmp_path / "shapes-dvae.safetensors").exists() and (tmp_path / "MODEL_CARD.md").exists()
