@@ -184,7 +184,10 @@ COMMANDS = {"generate": cmd_generate, "presets": cmd_presets, "models": cmd_mode
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed, one line) and --help
+        return e.code
     try:
         return COMMANDS[args.command](args)
     except ClipguideError as e:

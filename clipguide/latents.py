@@ -29,6 +29,8 @@ from .ops import gumbel_noise, replace_grad
 class Latent(torch.nn.Module):
     """Token logits of B independent runs on an h x w grid of V codes."""
 
+    space = "codes"  # what relax/display return: code weights [B, V, h, w] ("z": decoder latents)
+
     def __init__(self, cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias: torch.Tensor | None = None):
         super().__init__()
         self.vocab, self.grid = vocab, grid
@@ -50,6 +52,10 @@ class Latent(torch.nn.Module):
 
     def display(self, mode: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def penalty(self) -> torch.Tensor | None:
+        """Per-run regulariser [B] added to the loss (e.g. a pull toward the initial latent), or None."""
+        return None
 
     def end_step(self) -> None:
         """Anneal the inverse temperature (Aleph2Image Gamma: ÷1.01 per step, floor 1.5)."""

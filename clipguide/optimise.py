@@ -103,8 +103,13 @@ class Step:
         self.seeds = seeds
         self.loss_fn = LOSSES[cfg.loss]
 
+    def decode(self, x, noise=None):
+        if self.latent.space == "z":
+            return self.decoder.decode_z(x)
+        return self.decoder.decode(x, noise)
+
     def pixels(self, codes, noise=None):
-        x = self.decoder.decode(codes, noise)
+        x = self.decode(codes, noise)
         return clamp_with_grad(x, 0, 1) if self.cfg.clamp_grad else x.clamp(0, 1)
 
     def noise(self, gens, shape):
@@ -124,6 +129,9 @@ class Step:
         loss = cfg.loss_scale * self.loss_fn(emb, self.embeds, self.weights, self.stops)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight / 4 * tv_loss(img)
+        penalty = self.latent.penalty()
+        if penalty is not None:
+            loss = loss + penalty
         return loss, prompt_similarity(emb.detach(), self.embeds, self.weights)
 
     @torch.no_grad()
@@ -133,7 +141,7 @@ class Step:
         noise = None
         if cfg.display_noise and cfg.noise_scale:
             noise = self.noise(make_generators(display_seed(s, step) for s in self.seeds), (3, cfg.size, cfg.size))
-        return self.decoder.decode(codes, noise).clamp(0, 1).float().cpu()
+        return self.decode(codes, noise).clamp(0, 1).float().cpu()
 
 
 def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:

@@ -180,6 +180,17 @@ def test_own_config_json(tiny_json, tiny):
     torch.testing.assert_close(tiny.encode_image(images), expected)
 
 
+def test_own_config_fp16_weights(tiny_json):
+    """The shipped shapes CLIP stores fp16 tensors; they load into the fp32 model."""
+    model, path = tiny_json
+    save_file({k: v.half() for k, v in model.state_dict().items()}, path.with_suffix(".safetensors"))
+    loaded = clip.load_clip(str(path))
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = clip.Clip(model, loaded.tokenizer, name="ref", embed_dim=32, mean=TINY_MEAN, std=TINY_STD)
+    torch.testing.assert_close(loaded.encode_image(images), reference.encode_image(images), atol=2e-2, rtol=2e-2)
+
+
 def test_shapes_spec_uses_the_shipped_file(tiny_json, tmp_path, monkeypatch):
     monkeypatch.setattr(clip, "SHAPES_CLIP", tiny_json[1])
     assert clip.load_clip("shapes").embed_dim == 32
