@@ -15,16 +15,26 @@ import json
 
 import torch
 
+from clipguide.decoders import DECODERS
 from clipguide.generation import load_models
 from clipguide.presets import PRESETS, get_preset
 from clipguide.shapes.quality import evaluate, prompt_split
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
+SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
+# vqgan-gumbel is vqgan-codebook on a Gumbel checkpoint; the shapes world has none, so it would repeat that row.
+DEFAULT_PRESETS = [name for name in PRESETS if name != "vqgan-gumbel"]
+
+
+def shapes_models(preset: str) -> dict:
+    """The shapes-world models standing in for a preset's real ones."""
+    vqgan = DECODERS.get(get_preset(preset).decoder, {}).get("format") == "taming"
+    return {**SHAPES_MODELS, "decoder": SHAPES_VQGAN} if vqgan else SHAPES_MODELS
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated presets")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts to use (of 84)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=300)
@@ -41,7 +51,7 @@ def main(argv=None):
     print(f"{len(pairs)} {args.split} prompts x {args.seeds} seeds, {args.steps} steps, {torch.get_num_threads()} threads")
     print(f"{'preset':20s} {'colour':>7s} {'shape':>7s} {'bg':>7s} {'all':>7s} {'sim':>7s} {'steps1st':>8s} {'s/prompt':>8s}")
     for name in args.presets.split(","):
-        cfg = get_preset(name).replace(**SHAPES_MODELS, steps=args.steps, batch=args.seeds, snapshots=(), **overrides)
+        cfg = get_preset(name).replace(**shapes_models(name), steps=args.steps, batch=args.seeds, snapshots=(), **overrides)
         if name == "aleph2image-gamma":
             cfg = cfg.replace(batch=args.seeds)  # its notebook's batch of 2 is a seed count here
         decoder, clip = load_models(cfg)

@@ -2,7 +2,9 @@
 
 The workload of issue 2: OpenAI's dVAE decoder at 256 px (32x32 tokens of 8192
 codes) + CLIP ViT-B/32 on 32 cutouts, one run, forward + backward + optimiser
-step, for each dVAE preset.  Weights are random: speed does not depend on them.
+step, for each dVAE preset; and of issue 4: taming's ImageNet f16-16384 VQGAN at
+256 px (16x16 tokens) + the same CLIP for the VQGAN presets.  Weights are random:
+speed does not depend on them.
 
     python benchmarks/step_time.py --threads 1 --steps 3
 """
@@ -20,15 +22,16 @@ from clipguide.optimise import Step, grid_of, make_generators, make_optimiser, c
 from clipguide.latents import make_latent
 from clipguide.presets import get_preset
 from clipguide.prompts import encode_targets
-from clipguide.testing import random_clip, random_dalle_decoder
+from clipguide.testing import VQGAN_F16_16384, random_clip, random_dalle_decoder, random_vqgan
 
 DVAE_PRESETS = ("dvae-codebook", "aleph2image-delta", "aleph2image", "aleph2image-gamma")
+VQGAN_PRESETS = ("vqgan-codebook", "vqgan-zquantize")  # both on the f16-16384 architecture
 
 
 def build_step(cfg, decoder, clip):
     runs = cfg.runs()
     gens = make_generators([s for _, s in runs])
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder))
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
     step = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs]), [s for _, s in runs])
     opt = make_optimiser(cfg, [latent.param])
 
@@ -61,16 +64,21 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps per preset (after one warm-up step)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--cutn", type=int, default=32)
-    p.add_argument("--presets", default=",".join(DVAE_PRESETS))
+    p.add_argument("--presets", default=",".join(DVAE_PRESETS + VQGAN_PRESETS))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    decoder, clip = random_dalle_decoder(), random_clip("ViT-B-32-quickgelu")
-    print(f"dVAE {args.size}px + ViT-B/32 x {args.cutn} cutouts, random weights; torch {torch.__version__}, "
+    clip = random_clip("ViT-B-32-quickgelu")
+    builders = {"dVAE": random_dalle_decoder, "VQGAN f16-16384": lambda: random_vqgan(VQGAN_F16_16384)}
+    decoders = {}  # built on first use
+    print(f"decoder at {args.size}px + ViT-B/32 x {args.cutn} cutouts, random weights; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
-    print(f"{'preset':20s} {'GFLOP/step':>11s} {'s/step':>8s} {'GFLOP/s':>8s}")
+    print(f"{'preset':20s} {'decoder':16s} {'GFLOP/step':>11s} {'s/step':>8s} {'GFLOP/s':>8s}")
     for name in args.presets.split(","):
-        gflop, sec = measure(name, decoder, clip, args.size, args.cutn, args.steps)
-        print(f"{name:20s} {gflop:11.1f} {sec:8.2f} {gflop / sec:8.1f}", flush=True)
+        kind = "VQGAN f16-16384" if name in VQGAN_PRESETS else "dVAE"
+        if kind not in decoders:
+            decoders[kind] = builders[kind]()
+        gflop, sec = measure(name, decoders[kind], clip, args.size, args.cutn, args.steps)
+        print(f"{name:20s} {kind:16s} {gflop:11.1f} {sec:8.2f} {gflop / sec:8.1f}", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB")
 

@@ -1,4 +1,4 @@
-"""Command line: ``clipguide generate | presets | models | train-shapes``.
+"""Command line: ``clipguide generate | blend | lineage | presets | models | train-shapes``.
 
 The ``generate`` flags are derived from :class:`RunConfig`'s fields (their help
 is the field's comment); a flag left out keeps the preset's value.  Every user
@@ -48,7 +48,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",)) -> None
             continue
         kind = types[f.name]
         flag = "--" + f.name.replace("_", "-")
-        kw = {"default": None, "help": f"{f.metadata['help']} [preset]", "dest": f.name}
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
+        kw = {"default": None, "help": f"{help_text} [preset]", "dest": f.name}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
@@ -65,19 +66,35 @@ def build_parser() -> Parser:
 
     p = Parser(prog="clipguide", description="CLIP-guided image generation through discrete decoders (DALL-E dVAE, VQGAN).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    g = sub.add_parser("generate", help="generate images from text prompts")
-    g.add_argument("prompts", nargs="+", metavar="PROMPT", help="one run per prompt; 'text:weight:stop | text2' weighs several")
-    g.add_argument("--preset", default=DEFAULT_PRESET, help=f"recipe (clipguide presets lists them) [{DEFAULT_PRESET}]")
-    g.add_argument("--out", type=Path, default=None, help="run directory [runs/DATE-TIME-PROMPT]")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(g)
+    g = sub.add_parser("generate", help="generate images from prompts (text, image and noise targets)")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help="one run per prompt: 'text:weight:stop | image:a.png:0.5 | noise:7:0.2', Midjourney 'a::2 b::-0.5', "
+                        "story phrases 'a ^ b' (--story-every); with --from, that run's prompt by default")
+    add_run_flags(g, DEFAULT_PRESET)
+    b = sub.add_parser("blend", help="generate from image prompts (a blend of images), optionally with text")
+    b.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URLs, each optionally IMAGE:weight[:stop]")
+    b.add_argument("--text", action="append", default=[], help="a text target to add (repeatable), e.g. 'a red circle' or 'blue:-0.5'")
+    add_run_flags(b, DEFAULT_PRESET)
+    ln = sub.add_parser("lineage", help="trace the images a run grew from (init images and image prompts), generation by generation")
+    ln.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (RUN_DIR/run_NN for one run of a batch)")
+    ln.add_argument("--draw", type=Path, default=None, metavar="PNG", help="also draw the tree of thumbnails into this PNG")
     pr = sub.add_parser("presets", help="list the presets and their deviations from the originals")
     pr.add_argument("-v", "--verbose", action="store_true", help="also print each preset's full config")
     sub.add_parser("models", help="list known decoders and CLIP models, and which are cached")
     t = sub.add_parser("train-shapes", help="train the shapes-world models (arguments go to clipguide.shapes.train)", add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
     return p
+
+
+def add_run_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    """The flags of the commands that run a generation (generate, blend)."""
+    parser.add_argument("--preset", default=default_preset, help=f"recipe (clipguide presets lists them) [{default_preset}]")
+    parser.add_argument("--out", type=Path, default=None, help="run directory [runs/DATE-TIME-PROMPT]")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--from", dest="from_run", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue from an earlier run: its last image (per its manifest) becomes the init image")
+    add_config_flags(parser)
 
 
 def default_out(prompt: str) -> Path:
@@ -103,14 +120,37 @@ class Progress:
 
 
 def cmd_generate(args) -> int:
+    from .lineage import run_prompt
+
+    if not args.prompts and args.from_run is None:
+        raise ConfigError("no prompt given: pass a prompt, e.g. clipguide generate \"a red circle on a blue background\"")
+    return run_generation(args, args.prompts or [run_prompt(args.from_run)])
+
+
+def cmd_blend(args) -> int:
+    from .prompts import blend_prompt
+
+    return run_generation(args, [blend_prompt(args.images, args.text)])
+
+
+def run_generation(args, prompts: list[str]) -> int:
+    """Generate ``prompts`` with the run flags of ``args``: models, loop, snapshots, manifest."""
     from .generation import check_device, describe_models, load_models, make_config
+    from .lineage import final_image
     from .optimise import optimise
+    from .prompts import run_parents
     from .snapshots import Snapshotter, prepare_out_dir
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name != "prompts"}
-    cfg = make_config(args.prompts, args.preset, **overrides)
-    out = args.out if args.out is not None else default_out(args.prompts[0])
+    if args.from_run is not None:
+        if args.init_image:
+            raise ConfigError("--from RUN_DIR starts from that run's last image: drop --init-image (or --from)")
+        overrides["init_image"] = str(final_image(args.from_run))
+    cfg = make_config(prompts, args.preset, **overrides)
+    out = args.out if args.out is not None else default_out(prompts[0])
     check_device(cfg.device)
+    for p in cfg.prompts:  # unreadable images fail now, before models are loaded
+        run_parents(p, cfg.init_image)
     existed = out.exists()
     prepare_out_dir(out, args.overwrite)  # refuse a bad --out before spending time on models
     try:
@@ -134,6 +174,16 @@ def cmd_generate(args) -> int:
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
+def cmd_lineage(args) -> int:
+    from .lineage import draw_lineage, format_lineage, lineage
+
+    print(format_lineage(lineage(args.run_dir)))
+    if args.draw is not None:
+        draw_lineage(args.run_dir, args.draw)
+        print(f"clipguide: lineage drawn to {args.draw}", file=sys.stderr)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .presets import DEFAULT_PRESET, PRESETS
 
@@ -153,7 +203,7 @@ def cmd_models(args) -> int:
 
     print(f"decoders (cache: {cache_dir()}):")
     for name, entry in DECODERS.items():
-        print(f"  {name:14s} {entry['about']}{cached_note(name)}")
+        print(f"  {name:24s} {entry['about']}{cached_note(name)}")
     print("CLIP: 'shapes' (shipped), a config .json, NAME/PATH, or any open_clip NAME/TAG:")
     from .clip import list_clip_models
 
@@ -163,13 +213,16 @@ def cmd_models(args) -> int:
 
 
 def cached_note(name: str) -> str:
-    from .decoders import DECODERS, resolve_shipped
+    from .decoders import DECODERS, resolve_shipped, taming_cache_paths
     from .weights import DALLE_FILES, cache_dir
 
     entry = DECODERS[name]
     if "path" in entry:
         return " [shipped]" if resolve_shipped(entry["path"]).exists() else " [missing: run clipguide train-shapes]"
-    cached = (cache_dir() / "dalle" / Path(DALLE_FILES["decoder"]["url"]).name).exists()
+    if entry["format"] == "taming":
+        cached = all(p.exists() for p in taming_cache_paths(name))
+    else:
+        cached = (cache_dir() / "dalle" / Path(DALLE_FILES["decoder"]["url"]).name).exists()
     return " [cached]" if cached else " [not cached: downloaded on first use]"
 
 
@@ -179,7 +232,8 @@ def cmd_train_shapes(args) -> int:
     return train.main(args.args) or 0
 
 
-COMMANDS = {"generate": cmd_generate, "presets": cmd_presets, "models": cmd_models, "train-shapes": cmd_train_shapes}
+COMMANDS = {"generate": cmd_generate, "blend": cmd_blend, "lineage": cmd_lineage, "presets": cmd_presets,
+            "models": cmd_models, "train-shapes": cmd_train_shapes}
 
 
 def main(argv=None) -> int:

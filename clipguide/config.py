@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .prompts import check_prompt
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -26,7 +27,7 @@ def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
-LATENTS = ("categorical", "parity-softmax", "parity-gumbel", "spatial-gumbel", "softmax")
+LATENTS = ("categorical", "parity-softmax", "parity-gumbel", "spatial-gumbel", "softmax", "zquantize")
 INITS = ("randn", "onehot", "onehot-codes", "uniform")
 DISPLAYS = ("argmax", "soft", "sharpie")
 CUTS = ("crowson", "uniform", "normal")
@@ -42,9 +43,11 @@ class RunConfig:
     batch: int = _f(1, "independent runs (seeds) per prompt, optimised together in one batch")
     steps: int = _f(300, "optimiser steps")
     snapshots: tuple[int, ...] = _f((), "steps at which to keep the image, e.g. 100,600,4000 (0 = initial decode)")
+    story_every: int = _f(0, "steps per story phrase: phrase i of 'a ^ b ^ c' is active for steps [i·N, (i+1)·N), cycling (nerdyrodent)")
     size: int = _f(128, "output side in pixels; a multiple of the decoder's downsampling factor")
     # models
-    decoder: str = _f("shapes-dvae", "decoder: shapes-dvae, dalle, or a path (decoder.pkl, model .json)")
+    decoder: str = _f("shapes-dvae", "decoder: a name (clipguide models lists them: shapes-dvae, shapes-vqgan, dalle, vqgan-...) "
+                      "or a path (decoder.pkl, model .json, taming CONFIG.yaml[:CHECKPOINT.ckpt])")
     clip: str = _f("shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json")
     device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
     # latent parametrisation and relaxation (methods.md §2, §5)
@@ -52,6 +55,8 @@ class RunConfig:
     init: str = _f("randn", "initial logits", INITS)
     init_codes: tuple[int, ...] = _f((), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
     init_scale: float = _f(1.0, "std of init=randn; value of the chosen code for one-hot inits")
+    init_image: str = _f("", "start from this image (path or URL): the decoder's encoding of it replaces --init (Crowson)")
+    init_weight: float = _f(0.0, "pull toward the initial latent: init_weight/2 · MSE(latent, initial latent) (Crowson)")
     temperature: float = _f(1.0, "inverse temperature multiplying the logits ('hadies')")
     temperature_decay: float = _f(1.0, "the inverse temperature is divided by this after every step")
     temperature_floor: float = _f(0.0, "lower bound of the decayed inverse temperature")
@@ -61,6 +66,7 @@ class RunConfig:
     display_noise: bool = _f(False, "also sample the pixel noise in snapshots (Crowson's sample_outputs)")
     clamp_grad: bool = _f(True, "clamp pixels with a gradient that pushes back into range (Crowson's ClampWithGrad)")
     display: str = _f("argmax", "how snapshots decode the latent", DISPLAYS)
+    ema: float = _f(0.0, "snapshots decode an exponential moving average of the latent with this decay (0 = off)")
     # cutouts (what CLIP sees each step)
     cutn: int = _f(32, "cutouts per run and step")
     cut: str = _f("crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
@@ -69,6 +75,8 @@ class RunConfig:
     cut_resample: str = _f("lanczos", "cutout resizing: lanczos (anti-aliased, Crowson) or bilinear (Aleph2Image)", ("lanczos", "bilinear"))
     cut_noise: float = _f(0.0, "Gaussian noise added to the cutouts, times one U(0,1) per step (Aleph2Image Delta: 0.2)")
     cut_flip: bool = _f(False, "random horizontal flips of the cutouts")
+    cut_affine: float = _f(0.0, "random rotation of each cutout by up to ± this many degrees, and a shift of up to degrees/3 %")
+    cut_whole: float = _f(0.0, "fraction of the cutouts that show the whole image")
     # loss
     loss: str = _f("spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
     loss_scale: float = _f(1.0, "multiplier of the prompt loss (Aleph2Image: 10)")
@@ -108,12 +116,21 @@ class RunConfig:
             raise ConfigError(f"--snapshots {bad[0]} is outside 0..{self.steps}: raise --steps or drop that snapshot")
         if self.init == "onehot-codes" and not self.init_codes:
             raise ConfigError("--init onehot-codes needs --init-codes, e.g. --init-codes 4846,4368,7675")
+        if self.latent == "zquantize" and self.init not in ("onehot", "onehot-codes"):
+            raise ConfigError(f"--latent zquantize starts z on codebook vectors, not from --init {self.init}: "
+                              "use --init onehot (random codes, Crowson) or onehot-codes")
         need = {"uniform": 2, "normal": 4}.get(self.cut)
         if need and len(self.cut_range) != need:
             raise ConfigError(f"--cut {self.cut} needs --cut-range with {need} numbers, got {len(self.cut_range)}")
         for p in self.prompts:
             if not p.strip():
                 raise ConfigError("empty prompt: give some text, e.g. clipguide generate \"a red circle on a blue background\"")
+        if self.story_every < 0:
+            raise ConfigError(f"--story-every must be 0 or a positive number of steps, got {self.story_every}")
+        if not self.init_weight >= 0:
+            raise ConfigError(f"--init-weight must be 0 or positive (a pull toward the initial latent), got {self.init_weight}")
+        for p in self.prompts:  # a typo in a prompt fails here, before any model is loaded
+            check_prompt(p, self.story_every)
 
     def runs(self) -> list[tuple[str, int]]:
         """The independent runs of this config: (prompt, seed), prompt-major."""

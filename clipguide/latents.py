@@ -14,16 +14,20 @@ code weights ``[B, V, h, w]`` (one-hot, soft, or a mix), in two ways:
 * ``parity-gumbel``: Aleph2Image Gamma: the same grouping with Gumbel noise.
 * ``spatial-gumbel``: the first Aleph2Image: Gumbel-softmax over the spatial
   positions of each code (not over codes), a fresh sample every step.
+* ``zquantize``: Crowson's VQGAN z+quantize (methods.md §4): the parameter is the
+  decoder's latent z itself (``space = "z"``), quantized to the nearest code vectors.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
 from .errors import ConfigError
-from .ops import gumbel_noise, replace_grad
+from .ops import gumbel_noise, replace_grad, vector_quantize
 
 
 class Latent(torch.nn.Module):
@@ -31,13 +35,27 @@ class Latent(torch.nn.Module):
 
     space = "codes"  # what relax/display return: code weights [B, V, h, w] ("z": decoder latents)
 
-    def __init__(self, cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias: torch.Tensor | None = None):
+    def __init__(self, cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias: torch.Tensor | None = None,
+                 decoder=None):
         super().__init__()
         self.vocab, self.grid = vocab, grid
         self.beta = float(cfg.temperature)  # inverse temperature ("hadies")
         self.decay, self.floor = cfg.temperature_decay, cfg.temperature_floor
         self.register_buffer("bias", bias if bias is not None else torch.zeros(vocab), persistent=False)
-        self.param = torch.nn.Parameter(self.to_param(init_logits(cfg, vocab, grid, generators)))
+        self.param = torch.nn.Parameter(self.initial(cfg, generators, decoder))
+        self.init_weight = cfg.init_weight
+        self.ema_decay = cfg.ema
+        if self.ema_decay:  # snapshots decode an exponential moving average of the parameter
+            self.register_buffer("param_ema", self.param.detach().clone(), persistent=False)
+        if self.init_weight:  # the pull's anchor: the initial latent (the init image's, when given)
+            self.register_buffer("param_init", self.param.detach().clone(), persistent=False)
+
+    def initial(self, cfg: RunConfig, generators, decoder) -> torch.Tensor:
+        """The initial parameter; ``decoder`` is for parametrisations that live in its latent space
+        (and for encoding ``cfg.init_image``)."""
+        if cfg.init_image:
+            return self.to_param(encode_init_image(cfg, decoder, self.grid, len(generators), "codes"))
+        return self.to_param(init_logits(cfg, self.vocab, self.grid, generators))
 
     # layout: subclasses keep the parameter as the original notebooks did
     def to_param(self, logits: torch.Tensor) -> torch.Tensor:
@@ -54,11 +72,32 @@ class Latent(torch.nn.Module):
         raise NotImplementedError
 
     def penalty(self) -> torch.Tensor | None:
-        """Per-run regulariser [B] added to the loss (e.g. a pull toward the initial latent), or None."""
-        return None
+        """Per-run regulariser [B] added to the loss, or None: Crowson's pull toward the initial
+        latent, init_weight/2 · MSE(latent, initial latent) (methods.md §4)."""
+        if not self.init_weight:
+            return None
+        return self.init_weight / 2 * (self.param - self.param_init).pow(2).flatten(1).mean(1)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Within the block, the parameter holds its moving average (if ``ema`` is on)."""
+        if not self.ema_decay:
+            yield
+            return
+        current = self.param.detach().clone()
+        with torch.no_grad():
+            self.param.copy_(self.param_ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.param.copy_(current)
 
     def end_step(self) -> None:
-        """Anneal the inverse temperature (Aleph2Image Gamma: ÷1.01 per step, floor 1.5)."""
+        """Update the moving average; anneal the inverse temperature (Aleph2Image Gamma: ÷1.01 per step, floor 1.5)."""
+        if self.ema_decay:
+            with torch.no_grad():
+                self.param_ema.lerp_(self.param, 1 - self.ema_decay)
         if self.decay != 1.0:
             self.beta = max(self.beta / self.decay, self.floor)
 
@@ -133,12 +172,56 @@ class SpatialGumbel(Latent):
         return (self.beta * self.logits()).reshape(b, self.vocab, -1).softmax(-1).view(self.param.shape)
 
 
+class ZQuantize(Latent):
+    """Crowson's z+quantize (methods.md §4): z [B, e_dim, h, w] starts on random codebook
+    vectors; each step decodes its nearest code vectors (identity straight-through gradient),
+    and after each step z is clamped per channel to the codebook's [min, max] box.
+
+    ``--init-weight w`` (the base class's :meth:`Latent.penalty`) pulls toward the *initial* z
+    as in the notebook; nerdyrodent's decaying pull toward zero (methods.md §6) is not reproduced.
+    """
+
+    space = "z"
+
+    def initial(self, cfg, generators, decoder):
+        codebook = getattr(decoder, "codebook", None)
+        if codebook is None:
+            raise ConfigError(
+                f"--latent zquantize optimises a VQGAN latent and needs a decoder with a codebook, not "
+                f"{getattr(decoder, 'name', decoder)!r}: pass --decoder shapes-vqgan, vqgan-imagenet-f16-16384 or a taming CONFIG.yaml"
+            )
+        codebook = codebook.detach().float()
+        self.register_buffer("codebook", codebook, persistent=False)  # [V, e_dim]
+        self.register_buffer("z_min", codebook.min(0).values.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("z_max", codebook.max(0).values.view(1, -1, 1, 1), persistent=False)
+        h, w = self.grid
+        if cfg.init_image:  # Crowson: z starts as the VQGAN's (quantized) encoding of the image
+            z = encode_init_image(cfg, decoder, self.grid, len(generators), "z").to(codebook)
+        else:
+            codes = [draw_codes(cfg, self.vocab, h * w, g, high=self.vocab) for g in generators]
+            z = torch.stack([codebook[c.to(codebook.device)].T.reshape(-1, h, w) for c in codes])
+        return z
+
+    def relax(self, generators):
+        return vector_quantize(self.param, self.codebook)
+
+    def display(self, mode):
+        # "soft" shows the unquantized z; the notebook's snapshot (and any other mode) its quantized decode.
+        return self.param if mode == "soft" else vector_quantize(self.param, self.codebook)
+
+    def end_step(self):
+        super().end_step()
+        with torch.no_grad():
+            self.param.clamp_(self.z_min, self.z_max)
+
+
 LATENT_CLASSES = {
     "categorical": Categorical,
     "softmax": Softmax,
     "parity-softmax": ParitySoftmax,
     "parity-gumbel": ParityGumbel,
     "spatial-gumbel": SpatialGumbel,
+    "zquantize": ZQuantize,
 }
 
 
@@ -153,19 +236,47 @@ def init_logits(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators) -
             x = torch.zeros(vocab, h, w)
         else:
             x = torch.zeros(vocab, h * w)
-            if cfg.init == "onehot":
-                # Delta draws np.random.randint(8191): codes 0..V-2.
-                codes = torch.randint(0, vocab - 1, (h * w,), generator=g)
-            else:
-                pool = torch.tensor([c % vocab for c in cfg.init_codes])
-                codes = pool[torch.randint(0, len(pool), (h * w,), generator=g)]
+            # Delta draws np.random.randint(8191): codes 0..V-2.
+            codes = draw_codes(cfg, vocab, h * w, g, high=vocab - 1)
             x[codes, torch.arange(h * w)] = cfg.init_scale
             x = x.view(vocab, h, w)
         out.append(x)
     return torch.stack(out)
 
 
-def make_latent(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias=None) -> Latent:
+def encode_init_image(cfg: RunConfig, decoder, grid: tuple[int, int], batch: int, space: str = "codes") -> torch.Tensor:
+    """Crowson's init_image: the image resized to the output (Lanczos) and encoded, the same
+    for every run: the dVAE encoder's logits [B, V, h, w] (``space`` "codes") or the VQGAN's
+    quantized z [B, e_dim, h, w] ("z")."""
+    from PIL import Image
+
+    from .images import load_image, pil_to_tensor
+
+    method = "encode_logits" if space == "codes" else "encode"
+    encode = getattr(decoder, method, None)
+    if encode is None:
+        hint = "for a VQGAN use --latent zquantize" if hasattr(decoder, "encode") else "use a dVAE with its encoder, or a VQGAN"
+        raise ConfigError(f"--init-image needs a decoder that encodes images ({method}), which "
+                          f"{getattr(decoder, 'name', decoder)!r} lacks: {hint}")
+    h, w = grid
+    f = decoder.downsample
+    image = load_image(cfg.init_image, what="--init-image").resize((w * f, h * f), Image.LANCZOS)
+    with torch.no_grad():
+        x = encode(pil_to_tensor(image)).float().cpu()
+    return x.expand(batch, *x.shape[1:]).clone()
+
+
+def draw_codes(cfg: RunConfig, vocab: int, n: int, generator: torch.Generator, high: int) -> torch.Tensor:
+    """n code indices for a one-hot start: from ``cfg.init_codes`` (onehot-codes, modulo the
+    vocabulary) or uniform over 0..high-1."""
+    if cfg.init == "onehot-codes":
+        pool = torch.tensor([c % vocab for c in cfg.init_codes])
+        return pool[torch.randint(0, len(pool), (n,), generator=generator)]
+    return torch.randint(0, high, (n,), generator=generator)
+
+
+def make_latent(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias=None, *, decoder=None) -> Latent:
+    """The latent of ``cfg.latent``; ``decoder`` is needed by those living in its latent space (zquantize)."""
     if cfg.latent.startswith("parity") and vocab % 2:
         raise ConfigError(f"--latent {cfg.latent} splits codes by parity and needs an even vocabulary, got {vocab}")
-    return LATENT_CLASSES[cfg.latent](cfg, vocab, grid, generators, bias)
+    return LATENT_CLASSES[cfg.latent](cfg, vocab, grid, generators, bias, decoder=decoder)

@@ -99,3 +99,14 @@ def tv_loss(x: torch.Tensor) -> torch.Tensor:
     dx = x[..., :-1, 1:] - x[..., :-1, :-1]
     dy = x[..., 1:, :-1] - x[..., :-1, :-1]
     return (dx**2 + dy**2).flatten(1).mean(1)
+
+
+def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook vector at each position of z [B, D, h, w] (codebook [V, D]) by squared
+    L2 distance, with an identity straight-through gradient (Crowson's ``vector_quantize``,
+    methods.md §4): the commitment loss of VQ-VAE training plays no part here."""
+    x = z.movedim(1, -1)  # [B, h, w, D]
+    # ‖x‖² is the same for every code at a position, so it cannot change the argmin: left out.
+    dist = codebook.pow(2).sum(-1) - 2 * x @ codebook.T  # [B, h, w, V]
+    nearest = codebook[dist.argmin(-1)].movedim(-1, 1)  # [B, D, h, w]
+    return replace_grad(nearest, z)

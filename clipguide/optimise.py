@@ -99,7 +99,7 @@ class Step:
 
     def __init__(self, cfg, decoder, clip, latent: Latent, targets, seeds):
         self.cfg, self.decoder, self.clip, self.latent = cfg, decoder, clip, latent
-        self.embeds, self.weights, self.stops = (t.to(cfg.device) for t in targets)
+        self.targets = targets.to(cfg.device)  # prompts.Targets: the story phrase depends on the step
         self.seeds = seeds
         self.loss_fn = LOSSES[cfg.loss]
 
@@ -118,26 +118,28 @@ class Step:
         n = torch.stack([laplace_noise(shape, g, self.cfg.device) for g in gens])
         return self.cfg.noise_scale * n
 
-    def forward(self, gens) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, gens, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-run (loss [B], similarity [B]) at the current latent, drawing from ``gens``."""
         cfg = self.cfg
+        embeds, weights, stops = self.targets.at(step)
         codes = self.latent.relax(gens)
         side = cfg.size
         img = self.pixels(codes, self.noise(gens, (3, side, side)))
         cuts = make_cutouts(img, cfg, self.clip.image_size, gens)
         emb = self.clip.encode_image(cuts).view(len(gens), cfg.cutn, -1)
-        loss = cfg.loss_scale * self.loss_fn(emb, self.embeds, self.weights, self.stops)
+        loss = cfg.loss_scale * self.loss_fn(emb, embeds, weights, stops)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight / 4 * tv_loss(img)
         penalty = self.latent.penalty()
         if penalty is not None:
             loss = loss + penalty
-        return loss, prompt_similarity(emb.detach(), self.embeds, self.weights)
+        return loss, prompt_similarity(emb.detach(), embeds, weights)
 
     @torch.no_grad()
     def display(self, step: int) -> torch.Tensor:
         cfg = self.cfg
-        codes = self.latent.display(cfg.display)
+        with self.latent.averaged():
+            codes = self.latent.display(cfg.display)
         noise = None
         if cfg.display_noise and cfg.noise_scale:
             noise = self.noise(make_generators(display_seed(s, step) for s in self.seeds), (3, cfg.size, cfg.size))
@@ -163,8 +165,9 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
     runs = cfg.runs()
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder)).to(cfg.device)
-    step_fn = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs]), seeds)
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
+    latent = latent.to(cfg.device)
+    step_fn = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
     opt = make_optimiser(cfg, [latent.param])
     losses, sims, snaps = [], [], {}
     done, interrupted, image = 0, False, None
@@ -172,7 +175,7 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
         for k in range(cfg.steps + 1):
             last = k == cfg.steps
             with torch.no_grad() if last else contextlib.nullcontext():
-                loss, sim = step_fn.forward(gens)
+                loss, sim = step_fn.forward(gens, k)
             losses.append(loss.detach().cpu())
             sims.append(sim.cpu())
             image = _lazy(step_fn.display, k)

@@ -88,6 +88,35 @@ _add(
            cutn=16, cut="crowson", cut_flip=True, loss="spherical", optimiser="adamw", lr=0.1),
 )
 
+# Crowson's VQGAN notebooks (methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.
+VQGAN_CROWSON = dict(clip="ViT-B-32/openai", size=480, steps=1000, cutn=64, cut="crowson", cut_pow=1.0,
+                     cut_resample="lanczos", loss="spherical", lr=0.05, display="argmax", blacklist=False, noise_scale=0.0)
+_add(
+    "vqgan-codebook",
+    "Crowson's VQGAN codebook sampling (2021): straight-through categorical sampling over the VQGAN codebook "
+    "(one-hot @ codebook, then the decoder), AdamW 0.05, spherical-distance loss, 64 cutouts, ImageNet f16 1024 (methods.md §3).",
+    "The notebook loops until interrupted; here 1000 steps by default. Snapshots decode the argmax tokens, as its checkin does.",
+    **VQGAN_CROWSON, decoder="vqgan-imagenet-f16-1024", latent="categorical", init="randn", optimiser="adamw",
+)
+_add(
+    "vqgan-zquantize",
+    "Crowson's 'VQGAN+CLIP' z+quantize (2021): z starts on random codebook vectors and decodes its nearest codes "
+    "(straight-through), clamped per channel to the codebook's range after each step; Adam 0.05, spherical loss, "
+    "64 cutouts; --init-weight adds init_weight/2·MSE(z, z_init) (methods.md §4).",
+    "1000 steps instead of an endless loop. The checkpoint is ImageNet f16 1024, as in the codebook notebook "
+    "(methods.md does not record this notebook's). --init-weight pulls toward the initial z as the notebook does, "
+    "not toward zero with a decaying weight as nerdyrodent's generate.py does (methods.md §6).",
+    **VQGAN_CROWSON, decoder="vqgan-imagenet-f16-1024", latent="zquantize", init="onehot", optimiser="adam", init_weight=0.0,
+)
+_add(
+    "vqgan-gumbel",
+    "The codebook-sampling method (vqgan-codebook) on taming's Gumbel-quantized f8 VQGAN (OpenImages, 8192 codes), "
+    "whose codebook is quantize.embed (methods.md §3, §6).",
+    "No notebook paired the two: nerdyrodent runs GumbelVQ checkpoints with z+quantize (add --latent zquantize "
+    "--init onehot --optimiser adam for that) and hard-codes e_dim 256; here e_dim is read from the config (256 for this checkpoint).",
+    **VQGAN_CROWSON, decoder="vqgan-gumbel-f8-8192", latent="categorical", init="randn", optimiser="adamw",
+)
+
 DEFAULT_PRESET = "shapes"
 
 

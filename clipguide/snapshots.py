@@ -101,18 +101,25 @@ class Snapshotter:
     Layout: one run -> ``OUT/step_000100.png``; several -> ``OUT/run_00/step_000100.png``.
     ``manifest.json`` lists config, models, environment and every snapshot
     ``{run, step, file, loss, clip_similarity}``; ``contact_sheet.png`` shows them by step.
+    Each run lists its ``parents`` (init image and image prompts: file and sha256), and
+    every PNG's provenance names its run directory, so lineages can be traced
+    (:mod:`clipguide.lineage`).
     """
 
     def __init__(self, out_dir, config: RunConfig, models: dict, preset: str | None = None, overwrite: bool = False):
+        from .prompts import run_parents
+
         self.out_dir = prepare_out_dir(out_dir, overwrite)
         self.config, self.preset = config, preset
         self.runs = config.runs()
+        parents = {p: run_parents(p, config.init_image) for p in config.prompts}
         self.manifest = {
             "preset": preset,
             "config": config.to_dict(),
             "models": models,
             "environment": environment(),
-            "runs": [{"index": i, "prompt": p, "seed": s, "dir": self.run_dir(i)} for i, (p, s) in enumerate(self.runs)],
+            "runs": [{"index": i, "prompt": p, "seed": s, "dir": self.run_dir(i), "parents": parents[p]}
+                     for i, (p, s) in enumerate(self.runs)],
             "snapshots": [],
             "steps_done": 0,
             "interrupted": False,
@@ -134,7 +141,7 @@ class Snapshotter:
             rel = Path(self.run_dir(i)) / f"step_{step:06d}.png"
             (self.out_dir / rel.parent).mkdir(exist_ok=True)
             pil = to_pil(img)
-            save_png(self.out_dir / rel, pil, self.provenance(prompt, seed, step))
+            save_png(self.out_dir / rel, pil, self.provenance(prompt, seed, step, run=i))
             self.images[step].append(pil)
             self.manifest["snapshots"].append({
                 "run": i, "step": step, "file": rel.as_posix(),
@@ -144,11 +151,12 @@ class Snapshotter:
         self.manifest["steps_done"] = max(self.manifest["steps_done"], step)
         save_json(self.out_dir / MANIFEST, self.manifest)
 
-    def provenance(self, prompt: str, seed: int, step: int) -> dict:
+    def provenance(self, prompt: str, seed: int, step: int, run: int = 0) -> dict:
         m = self.manifest
         return {"Description": prompt, "clipguide": {
             "prompt": prompt, "seed": seed, "step": step, "preset": self.preset, "models": m["models"],
-            "version": m["environment"]["clipguide"], "config": m["config"]}}
+            "version": m["environment"]["clipguide"], "config": m["config"],
+            "run": run, "run_dir": str(self.out_dir.resolve()), "parents": m["runs"][run]["parents"]}}
 
     def finish(self, result) -> Path:
         """Save the final image if not saved yet (interrupted runs), the manifest and the contact sheet."""

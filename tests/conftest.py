@@ -45,3 +45,28 @@ def tiny_model_files(tmp_path_factory, tiny_clip):
                                     "encoder": {"n_hid": 64, "n_blk_per_group": 1, "vocab_size": 512}}))
     save_file({k: v.contiguous() for k, v in tensors.items()}, root / "tiny-dvae.safetensors")
     return dec_json, clip_json
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: tiny models gain nothing from more, and on a busy machine
+    oversubscribed threads make them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def shapes_models():
+    """(decoder, clip): the shipped shapes-world dVAE and CLIP; skips while they are not trained yet."""
+    from clipguide.decoders import PACKAGE_DIR
+
+    models = PACKAGE_DIR / "shapes" / "models"
+    if not all((models / f).exists() for f in ("shapes-dvae.json", "shapes-clip.json")):
+        pytest.skip("the shapes-world models are not in clipguide/shapes/models yet (clipguide train-shapes)")
+    from clipguide import load_clip, load_decoder
+
+    return load_decoder("shapes-dvae"), load_clip("shapes")

@@ -143,3 +143,18 @@ def test_presets_are_faithful_configs():
         "categorical", True, 1.0, "adamw", 0.05, 64, "spherical", 480)
     g = PRESETS["aleph2image-gamma"].config
     assert (g.temperature, g.temperature_decay, g.temperature_floor, g.batch, g.lr, g.lr_growth) == (16.0, 1.01, 1.5, 2, 0.01, 1.015)
+
+
+def test_cutout_augmentations_are_seeded_and_whole_views_see_everything():
+    from clipguide.cutouts import make_cutouts
+    from clipguide.ops import resample
+
+    img = torch.rand(1, 3, 64, 64)
+    cfg = RunConfig(cutn=4, cut_whole=0.5, cut_affine=0.0)
+    cuts = make_cutouts(img, cfg, 32, make_generators([0]))
+    whole = resample(img, 32)
+    assert torch.allclose(cuts[2:], whole.expand(2, -1, -1, -1))
+    aug = RunConfig(cutn=4, cut_affine=25.0, cut_flip=True)
+    a = make_cutouts(img, aug, 32, make_generators([3]))
+    assert torch.equal(a, make_cutouts(img, aug, 32, make_generators([3])))
+    assert not torch.equal(a, make_cutouts(img, aug.replace(cut_affine=0.0), 32, make_generators([3])))

@@ -1,11 +1,11 @@
-"""Every preset runs with the real architectures (OpenAI dVAE decoder, CLIP ViT-B/32), random weights."""
+"""Every preset runs with the real architectures (OpenAI dVAE decoder or its taming VQGAN, CLIP ViT-B/32), random weights."""
 
 import pytest
 import torch
 
 from clipguide import get_preset, optimise
 from clipguide.presets import PRESETS
-from clipguide.testing import random_clip, random_dalle_decoder
+from clipguide.testing import VQGAN_ARCHITECTURES, random_clip, random_dalle_decoder, random_vqgan
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,8 @@ def real_models():
 def test_preset_runs_on_real_architectures(real_models, preset):
     decoder, clip = real_models
     assert decoder.vocab_size == 8192 and clip.image_size == 224
+    if get_preset(preset).decoder in VQGAN_ARCHITECTURES:  # VQGAN presets: their checkpoint's architecture
+        decoder = random_vqgan(VQGAN_ARCHITECTURES[get_preset(preset).decoder])
     cfg = get_preset(preset).replace(prompts=("an armchair in the shape of an avocado",), size=32, cutn=2, steps=2, snapshots=(0,))
     r = optimise(cfg, decoder, clip)
     assert r.images.shape == (cfg.batch, 3, 32, 32) and r.steps_done == 2

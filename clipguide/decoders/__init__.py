@@ -3,12 +3,14 @@
 A decoder turns a grid of code weights ``[B, V, h, w]`` (one-hot or soft) into
 pixels ``[B, 3, h·f, w·f]`` on the [0, 1] scale, *unclamped* (the loop clamps,
 with or without Crowson's gradient-preserving clamp).  Adapters hold only the
-inference modules: no Lightning, no training losses.
+inference modules: no Lightning, no training losses.  :class:`DalleDecoder` is here;
+the taming VQGAN adapter is :class:`clipguide.decoders.vqgan.VQGANDecoder`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +20,53 @@ from ..errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
+VQGAN_CACHE = "vqgan"  # cache subdirectory of the taming files, saved as <registry name>.yaml / .ckpt
+
+
+def _taming(about: str, config_url: str, checkpoint_url: str, config_sha256=None, checkpoint_sha256=None) -> dict:
+    """A registry entry for a taming .yaml + .ckpt pair.  sha256 None: no published digest;
+    the one seen on first download is recorded beside the file and enforced from then on."""
+    return {"format": "taming", "about": about, "files": {
+        "config": {"url": config_url, "sha256": config_sha256},
+        "checkpoint": {"url": checkpoint_url, "sha256": checkpoint_sha256}}}
+
+
 # Registry of named decoders: data, not code paths.
 DECODERS = {
     "dalle": {"format": "dall_e-pickle", "about": "OpenAI DALL-E dVAE (8192 codes, f=8), downloaded from cdn.openai.com"},
     "shapes-dvae": {"format": "json", "path": "shapes/models/shapes-dvae.json", "about": "shapes-world dVAE (dall_e architecture), shipped"},
+    "shapes-vqgan": {"format": "json", "path": "shapes/models/shapes-vqgan.json", "about": "shapes-world VQGAN (taming architecture), shipped"},
+    "vqgan-imagenet-f16-1024": _taming(
+        "taming VQGAN, ImageNet, f=16, 1024 codes (Crowson's notebook default)",
+        "https://heibox.uni-heidelberg.de/d/8088892a516d4e3baf92/files/?p=%2Fconfigs%2Fmodel.yaml&dl=1",
+        "https://heibox.uni-heidelberg.de/d/8088892a516d4e3baf92/files/?p=%2Fckpts%2Flast.ckpt&dl=1"),
+    "vqgan-imagenet-f16-16384": _taming(
+        "taming VQGAN, ImageNet, f=16, 16384 codes (nerdyrodent's default)",
+        "https://heibox.uni-heidelberg.de/d/a7530b09fed84f80a887/files/?p=%2Fconfigs%2Fmodel.yaml&dl=1",
+        "https://heibox.uni-heidelberg.de/d/a7530b09fed84f80a887/files/?p=%2Fckpts%2Flast.ckpt&dl=1"),
+    "vqgan-gumbel-f8-8192": _taming(
+        "taming Gumbel-quantized VQGAN, OpenImages, f=8, 8192 codes",
+        "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/?p=%2Fconfigs%2Fmodel.yaml&dl=1",
+        "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/?p=%2Fckpts%2Flast.ckpt&dl=1"),
+    # The WikiArt models' only known host is nerdyrodent's mirror, reported gone (peers.md pain 4).
+    "vqgan-wikiart-f16-1024": _taming(
+        "VQGAN fine-tuned on WikiArt, f=16, 1024 codes (community model)",
+        "http://mirror.io.community/blob/vqgan/wikiart.yaml", "http://mirror.io.community/blob/vqgan/wikiart.ckpt"),
+    "vqgan-wikiart-f16-16384": _taming(
+        "VQGAN fine-tuned on WikiArt, f=16, 16384 codes (community model)",
+        "http://mirror.io.community/blob/vqgan/wikiart_16384.yaml", "http://mirror.io.community/blob/vqgan/wikiart_16384.ckpt"),
+    "vqgan-coco": _taming(
+        "first stage of taming's COCO Net2Net transformer (8.4 GB checkpoint)",
+        "https://dl.nmkd.de/ai/clip/coco/coco.yaml", "https://dl.nmkd.de/ai/clip/coco/coco.ckpt"),
+    "vqgan-faceshq": _taming(
+        "first stage of taming's FacesHQ Net2Net transformer",
+        "https://drive.google.com/uc?export=download&id=1fHwGx_hnBtC8nsq7hesJvs-Klv-P0gzT",
+        "https://app.koofr.net/content/links/a04deec9-0c59-4673-8b37-3d696fe63a5d/files/get/last.ckpt"
+        "?path=%2F2020-11-13T21-41-45_faceshq_transformer%2Fcheckpoints%2Flast.ckpt"),
+    "vqgan-sflckr": _taming(
+        "first stage of taming's S-FLCKR Net2Net transformer (landscapes)",
+        "https://heibox.uni-heidelberg.de/d/73487ab6e5314cb5adba/files/?p=%2Fconfigs%2F2020-11-09T13-31-51-project.yaml&dl=1",
+        "https://heibox.uni-heidelberg.de/d/73487ab6e5314cb5adba/files/?p=%2Fcheckpoints%2Flast.ckpt&dl=1"),
 }
 
 
@@ -49,12 +94,28 @@ class DalleDecoder:
     def decode(self, codes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, V, h, w] -> pixels [B, 3, 8h, 8w]; ``noise``: standard Laplace noise
         already multiplied by the noise scale, shape [B, 3, 8h, 8w] (reparameterised sample)."""
-        out = self.module(codes.float()).float()  # dall_e runs fp16 on CUDA: back to fp32
+        # channels_last: ~25% faster convolutions on CPU for the same arithmetic.
+        x = codes.float().contiguous(memory_format=torch.channels_last)
+        out = self.module(x).float()  # dall_e runs fp16 on CUDA: back to fp32
         loc = out[:, :3]
         if noise is not None:
             loc = loc + out[:, 3:6].exp() * noise
         eps = self.logit_laplace_eps
         return (torch.sigmoid(loc) - eps) / (1 - 2 * eps)
+
+    @torch.no_grad()
+    def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> the encoder's code logits [B, V, H/8, W/8]
+        (Crowson's init_image: ``encoder(map_pixels(x))`` become the initial logits)."""
+        if self.encoder is None:
+            raise ConfigError(f"decoder {self.name!r} was loaded without its dVAE encoder, which --init-image needs: "
+                              "use a model .json with an encoder (e.g. shapes-dvae)")
+        x = images.to(next(self.encoder.parameters()).device).float()
+        eps = self.logit_laplace_eps
+        return self.encoder((1 - 2 * eps) * x + eps).float()  # dall_e.map_pixels, then the encoder
+
+    def __post_init__(self):
+        self.module.to(memory_format=torch.channels_last)
 
     def to(self, device) -> "DalleDecoder":
         self.module.to(device)
@@ -71,14 +132,17 @@ def resolve_shipped(rel: str) -> Path:
 
 
 def load_decoder(spec: str, device: str = "cpu"):
-    """A decoder from a registry name (``dalle``, ``shapes-dvae``) or a file
-    (``decoder.pkl`` as published by OpenAI, or a model ``.json`` + ``.safetensors``)."""
+    """A decoder from a registry name (``dalle``, ``shapes-dvae``, ``vqgan-imagenet-f16-16384``, ...)
+    or a file: ``decoder.pkl`` as published by OpenAI, a model ``.json`` + ``.safetensors``, a
+    taming ``CONFIG.yaml`` (checkpoint: ``CONFIG.ckpt`` beside it) or ``CONFIG.yaml:CHECKPOINT.ckpt``."""
     from . import dalle_files
 
     entry = DECODERS.get(spec)
     path = Path(spec).expanduser()
     if entry is not None and entry["format"] == "json":
         path, entry = resolve_shipped(entry["path"]), None
+    if entry is not None and entry["format"] == "taming":
+        return _load_registry_vqgan(spec, entry, device)
     if entry is not None:  # dalle
         module, sha = dalle_files.load_dalle_decoder(None, device)
         return DalleDecoder(module, name=spec, sha256=sha)
@@ -87,8 +151,44 @@ def load_decoder(spec: str, device: str = "cpu"):
         return DalleDecoder(module, name=path.name, sha256=sha)
     if path.suffix == ".json":
         return _load_json_decoder(path, device)
+    taming_files = taming_paths(spec)
+    if taming_files is not None:
+        from .vqgan import load_taming
+
+        return load_taming(*taming_files, device=device)
     known = ", ".join(DECODERS)
-    raise ConfigError(f"unknown decoder {spec!r}: use one of {known}, a decoder.pkl, or a model .json file")
+    raise ConfigError(f"unknown decoder {spec!r}: use one of {known}, a decoder.pkl, a model .json file, "
+                      "a taming CONFIG.yaml (with CONFIG.ckpt beside it) or CONFIG.yaml:CHECKPOINT.ckpt")
+
+
+def taming_paths(spec: str) -> tuple[Path, Path] | None:
+    """(config, checkpoint) of a ``CONFIG.yaml`` spec (checkpoint: the same name with ``.ckpt``)
+    or a ``CONFIG.yaml:CHECKPOINT`` spec; None for anything else."""
+    m = re.fullmatch(r"(.+\.ya?ml)(?::(.+))?", spec)
+    if m is None:
+        return None
+    config = Path(m[1]).expanduser()
+    return config, Path(m[2]).expanduser() if m[2] else config.with_suffix(".ckpt")
+
+
+def taming_cache_paths(name: str) -> tuple[Path, Path]:
+    """Where the config and checkpoint of registry entry ``name`` are cached."""
+    from ..weights import cache_dir
+
+    folder = cache_dir() / VQGAN_CACHE
+    return folder / f"{name}.yaml", folder / f"{name}.ckpt"
+
+
+def _load_registry_vqgan(name: str, entry: dict, device: str):
+    """Fetch (or find in the cache) a registry VQGAN's two files and load them."""
+    from .. import weights
+    from .vqgan import load_taming
+
+    files = entry["files"]
+    config, checkpoint = (weights.fetch(files[kind]["url"], subdir=VQGAN_CACHE, filename=cached.name,
+                                        sha256=files[kind]["sha256"])
+                          for kind, cached in zip(("config", "checkpoint"), taming_cache_paths(name)))
+    return load_taming(config, checkpoint, name=name, device=device)
 
 
 def _load_json_decoder(path: Path, device: str):
@@ -102,4 +202,8 @@ def _load_json_decoder(path: Path, device: str):
         encoder, module, sha = dalle_files.load_dalle_safetensors(path)
         dec = DalleDecoder(module, name=path.stem, sha256=sha, encoder=encoder)
         return dec.to(device)
-    raise ConfigError(f"decoder config {path} has kind {kind!r}; supported here: dall_e")
+    if kind == "taming":
+        from .vqgan import load_json
+
+        return load_json(path, device)
+    raise ConfigError(f"decoder config {path} has kind {kind!r}; supported here: dall_e, taming")

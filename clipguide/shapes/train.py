@@ -27,11 +27,13 @@ from . import scenes as S
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 KINDS = ("clip", "dvae", "vqgan")
+STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft")  # clipft: CLIP fine-tune against dVAE-decoded adversarial images
 
 # Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
-STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "vqgan": 60.0}
-DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "vqgan": 10.0}
+STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0}
+DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0}
 
+ROBUSTNESS_STEPS = 150  # pixel-space robustness check length (module constant so smoke tests can shorten it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_IMAGE_SIZE = 64
@@ -47,7 +49,7 @@ CLIP_CFG = {
 DVAE_ENCODER = {"n_hid": 64, "n_blk_per_group": 1, "input_channels": 3, "vocab_size": 512}
 DVAE_DECODER = {"n_init": 64, "n_hid": 64, "n_blk_per_group": 1, "output_channels": 3, "vocab_size": 512}
 VQGAN_DDCONFIG = {"double_z": False, "z_channels": 64, "resolution": 128, "in_channels": 3, "out_ch": 3,
-                  "ch": 32, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+                  "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 VQGAN_N_EMBED = 512
 VQGAN_EMBED_DIM = 32
 
@@ -172,7 +174,7 @@ def clip_zero_shot(model, n: int = 200, seed: int = 12345, size: int = 128, batc
     return out
 
 
-def pixel_robustness(model, n_prompts: int = 20, steps: int = 150, size: int = 128, cutn: int = 4,
+def pixel_robustness(model, n_prompts: int = 20, steps: int | None = None, size: int = 128, cutn: int = 4,
                      lr: float = 0.05, seed: int = 777) -> dict:
     """Optimise raw pixels (sigmoid-parametrised) toward canonical prompts; judge the results.
 
@@ -180,6 +182,7 @@ def pixel_robustness(model, n_prompts: int = 20, steps: int = 150, size: int = 1
     """
     import torch
 
+    steps = ROBUSTNESS_STEPS if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     g = np.random.default_rng(seed)
     prompts = S.canonical_prompts()
@@ -350,6 +353,146 @@ def train_clip(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int = 128
     return meta
 
 
+def load_clip_from(out_dir: Path):
+    """Rebuild the CLIP from ``shapes-clip.json`` + ``.safetensors`` in ``out_dir`` (fp32)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(out_dir) / "shapes-clip.json").read_text())
+    model = build_clip(meta["model_cfg"])
+    model.load_state_dict(load_file(str(Path(out_dir) / "shapes-clip.safetensors")))
+    return model.float(), meta
+
+
+def load_dvae_from(out_dir: Path):
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(out_dir) / "shapes-dvae.json").read_text())
+    enc, dec = build_dvae(meta["encoder"], meta["decoder"])
+    sd = load_file(str(Path(out_dir) / "shapes-dvae.safetensors"))
+    enc.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("encoder.")})
+    dec.load_state_dict({k[8:]: v for k, v in sd.items() if k.startswith("decoder.")})
+    return enc, dec, meta
+
+
+def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 300, batch: int = 96, n_neg: int = 16,
+                                   n_adv: int = 12, tokens: int = 8, lr: float = 2e-4, recycle: int = 30,
+                                   log_every: int = 25) -> dict:
+    """Stage 2 of the CLIP: fine-tune against adversarial images made THROUGH the shipped dVAE decoder.
+
+    A persistent pool of dVAE token-logit grids is pushed (one gradient-ascent step per training step,
+    softmax relaxation -> decoder -> sigmoid -> unmap_pixels -> cutouts -> CLIP) toward random canonical
+    prompts; the decoded images are fed back as negatives (neutral captions) unless the judge says they
+    genuinely show the prompt.  Needs shapes-clip.* and shapes-dvae.* in ``out_dir``; rewrites shapes-clip.*.
+    """
+    import torch
+    import torch.nn.functional as F
+    from dall_e import unmap_pixels
+
+    torch.manual_seed(seed + 3)
+    gen = torch.Generator().manual_seed(seed + 3)
+    rng = np.random.default_rng(seed + 3)
+    model, meta = load_clip_from(out_dir)
+    _, dec, _ = load_dvae_from(out_dir)
+    dec.eval()
+    for p in dec.parameters():
+        p.requires_grad_(False)
+    V = dec.vocab_size
+    tok = clip_tokenizer(CLIP_CONTEXT)
+    prompts = S.canonical_prompts()
+    all_caps = sorted({S.TEMPLATES[k].format(colour=c, shape=s_, background=b)
+                       for c in S.COLOUR_NAMES for s_ in S.SHAPES for b in S.BACKGROUNDS
+                       for k in range(len(S.TEMPLATES)) if b != c} | set(S.NEUTRAL_CAPTIONS))
+    cap_index = {c: i for i, c in enumerate(all_caps)}
+    cap_tokens = tok(all_caps)
+    canon_tokens = cap_tokens[[cap_index[p] for p, _ in prompts]]
+    neutral_tokens = cap_tokens[[cap_index[c] for c in S.NEUTRAL_CAPTIONS]]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    pool = torch.randn((n_adv, V, tokens, tokens), generator=gen)
+    pool_t = torch.randint(0, len(prompts), (n_adv,), generator=gen)
+    age = torch.randint(0, recycle, (n_adv,), generator=gen)
+    t0 = time.time()
+    hist, dropped = [], 0
+    for step in range(steps):
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(step, steps, lr, warmup=20)
+        # --- attack step through the decoder
+        model.eval()
+        with torch.no_grad():
+            tt = model.encode_text(canon_tokens[pool_t], normalize=True)
+        z = pool.clone().requires_grad_(True)
+        img = unmap_pixels(torch.sigmoid(dec(F.softmax(z, dim=1))[:, :3].float()))
+        c = random_cutouts(img, 2, CLIP_IMAGE_SIZE, gen)
+        f = model.encode_image(_normalise(c), normalize=True).view(2, n_adv, -1)
+        (gz,) = torch.autograd.grad((f * tt[None]).sum(-1).mean(0).sum(), z)
+        with torch.no_grad():
+            pool += 0.5 * gz / (gz.abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-12)
+            age += 1
+            adv = img.detach()
+        keep = []
+        for i in range(n_adv):
+            if J.judge(adv[i]).all_match(*prompts[int(pool_t[i])][1]):
+                dropped += 1
+            else:
+                keep.append(i)
+        for i in (age >= recycle).nonzero().flatten().tolist():
+            pool[i] = torch.randn((V, tokens, tokens), generator=gen) * float(1 + 2 * torch.rand((), generator=gen))
+            pool_t[i] = int(torch.randint(0, len(prompts), (), generator=gen))
+            age[i] = 0
+        # --- contrastive step
+        model.train()
+        scenes = S.sample_scenes(batch, rng=rng)
+        tmpl = rng.integers(len(S.TEMPLATES), size=batch)
+        caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)]
+        real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
+        negs = torch.from_numpy(S.render_distractors(n_neg, rng, 128)).permute(0, 3, 1, 2).float() / 255
+        imgs = [real, _augment(negs, gen)]
+        if keep:
+            imgs.append(_augment(adv[keep], gen, noise=0.02))
+        x = torch.cat(imgs)
+        n_real = real.shape[0]
+        text = torch.cat([cap_tokens[[cap_index[c_] for c_ in caps]], neutral_tokens])
+        fi = model.encode_image(_normalise(x), normalize=True)
+        ft = model.encode_text(text, normalize=True)
+        logits = model.logit_scale.exp().clamp(max=100) * fi @ ft.T
+        T = torch.zeros(x.shape[0], ft.shape[0])
+        col = np.array([s_.colour for s_ in scenes])
+        shp = np.array([s_.shape for s_ in scenes])
+        bgd = np.array([s_.background for s_ in scenes])
+        for j, (c_, s2, b_) in enumerate(_caption_attrs(int(k), s_) for s_, k in zip(scenes, tmpl)):
+            m_ = (col == c_) & (shp == s2)
+            if b_ is not None:
+                m_ &= bgd == b_
+            T[:n_real, j] = torch.from_numpy(m_.astype(np.float32))
+        T[n_real:, n_real:] = 1.0
+        li = -(T / T.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+        lt = -(T.T / T.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1).mean()
+        loss = 0.5 * (li + lt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        hist.append(loss.item())
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            _log(f"clip-ft step {step + 1}/{steps} loss {np.mean(hist[-log_every:]):.4f} dropped {dropped} "
+                 f"adv-cos {(f * tt[None]).sum(-1).mean().item():.3f} {(time.time() - t0) / (step + 1):.3f}s/step")
+    train_s = time.time() - t0
+    model.eval()
+    zs = clip_zero_shot(model, n=300)
+    _log(f"clip-ft zero-shot {zs}")
+    rob = pixel_robustness(model)
+    _log(f"clip-ft pixel robustness {rob}")
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    meta = dict(meta)
+    meta["metrics"] = {"zero_shot_300": zs, "pixel_robustness": rob,
+                       "stage1": meta.get("metrics")}
+    meta["finetune_dvae_adversarial"] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg,
+                                         "pool": n_adv, "tokens": tokens, "lr": lr, "recycle": recycle,
+                                         "dropped_as_genuine": dropped, "seed": seed, "seconds": round(train_s, 1),
+                                         "trained_by": _COMMAND[0]}
+    _save(out_dir, "shapes-clip", sd, meta)
+    return meta
+
+
 # ============================================================================ dVAE
 def build_dvae(enc_cfg: dict | None = None, dec_cfg: dict | None = None):
     from dall_e import Decoder, Encoder
@@ -475,6 +618,72 @@ def train_dvae(out_dir: Path, seed: int = 0, steps: int = 1000, batch: int = 8, 
     return meta
 
 
+def finetune_dvae(out_dir: Path, seed: int = 0, steps: int = 1200, batch: int = 8, crop: int = 64, lr: float = 5e-4,
+                  tau: float = 1 / 16, edge_weight: float = 3.0, log_every: int = 50) -> dict:
+    """Stage 2 of the dVAE: continue from shapes-dvae.* with hard straight-through codes (forward = one-hot
+    argmax of the Gumbel sample, backward through the tau-softmax), larger crops, and a reconstruction loss
+    weighted up near edges (sharper corners and triangle tips).  Rewrites shapes-dvae.*."""
+    import torch
+    import torch.nn.functional as F
+    from dall_e import map_pixels
+
+    torch.manual_seed(seed + 4)
+    gen = torch.Generator().manual_seed(seed + 4)
+    rng = np.random.default_rng(seed + 4)
+    enc, dec, meta = load_dvae_from(out_dir)
+    params = list(enc.parameters()) + list(dec.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    V = enc.vocab_size
+    t0 = time.time()
+    hist = []
+    for step in range(steps):
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(step, steps, lr, warmup=20)
+        x = _random_crops(S.to_tensor(S.render(S.sample_scenes(batch, rng=rng), 128)), crop, gen)
+        logits = enc(map_pixels(x))
+        u = torch.rand(logits.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
+        y = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=1)
+        y = F.one_hot(y.argmax(1), V).permute(0, 3, 1, 2).float() + y - y.detach()
+        rec = torch.sigmoid(dec(y)[:, :3])
+        target = map_pixels(x)
+        # edge weight: pixels within 2 px of a colour change
+        g = (F.max_pool2d(x, 5, 1, 2) + F.max_pool2d(-x, 5, 1, 2)).amax(1, keepdim=True) > 0.02
+        w = 1 + edge_weight * g.float()
+        err = (rec - target)
+        l_rec = (w * (err ** 2 + 0.5 * err.abs())).mean() / w.mean()
+        q = F.softmax(logits, dim=1)
+        qbar = q.mean(dim=(0, 2, 3))
+        div = math.log(V) + (qbar * torch.log(qbar + 1e-10)).sum()
+        loss = l_rec + 0.02 * div
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hist.append(l_rec.item())
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            _log(f"dvae-ft step {step + 1}/{steps} rec {np.mean(hist[-log_every:]):.5f} "
+                 f"{(time.time() - t0) / (step + 1):.3f}s/step")
+    train_s = time.time() - t0
+    enc.eval()
+    dec.eval()
+    ev = _eval_recon(lambda x: dvae_reconstruct(enc, dec, x))
+    _log(f"dvae-ft eval {ev}")
+    for p in params:
+        p.requires_grad_(False)
+    sd = {f"encoder.{k}": v.detach().contiguous() for k, v in enc.state_dict().items()}
+    sd.update({f"decoder.{k}": v.detach().contiguous() for k, v in dec.state_dict().items()})
+    meta = dict(meta)
+    meta["metrics"] = dict(ev, stage1=meta.get("metrics"))
+    meta["finetune_hard"] = {"steps": steps, "batch": batch, "crop": crop, "lr": lr, "tau": tau,
+                             "edge_weight": edge_weight, "seed": seed, "seconds": round(train_s, 1),
+                             "trained_by": _COMMAND[0],
+                             "loss": "edge-weighted MSE + 0.5 L1, straight-through hard codes, 0.02 usage term"}
+    _save(out_dir, "shapes-dvae", sd, meta)
+    return meta
+
+
 # ============================================================================ VQGAN
 def build_vqgan(ddconfig: dict | None = None, n_embed: int = VQGAN_N_EMBED, embed_dim: int = VQGAN_EMBED_DIM):
     import torch
@@ -502,14 +711,23 @@ def vqgan_reconstruct(m, x):
 
 
 def train_vqgan(out_dir: Path, seed: int = 0, steps: int = 600, batch: int = 8, crop: int = 64, lr: float = 1e-3, full_frac: float = 0.2,
-                restart_every: int = 100, log_every: int = 50) -> dict:
+                restart_every: int = 25, log_every: int = 50, resume: bool = False) -> dict:
+    """VQGAN from taming modules; ``resume=True`` (stage "vqganft") continues from shapes-vqgan.* in out_dir."""
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 2)
-    rng = np.random.default_rng(seed + 2)
+    torch.manual_seed(seed + (5 if resume else 0))
+    gen = torch.Generator().manual_seed(seed + (7 if resume else 2))
+    rng = np.random.default_rng(seed + (7 if resume else 2))
     m = build_vqgan()
+    prev = None
+    if resume:
+        from safetensors.torch import load_file
+
+        prev = json.loads((Path(out_dir) / "shapes-vqgan.json").read_text())
+        m.load_state_dict(load_file(str(Path(out_dir) / "shapes-vqgan.safetensors")))
+        for p_ in m.parameters():
+            p_.requires_grad_(True)
     opt = torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9))
     usage = torch.zeros(VQGAN_N_EMBED)
     t0 = time.time()
@@ -525,6 +743,12 @@ def train_vqgan(out_dir: Path, seed: int = 0, steps: int = 600, batch: int = 8, 
             nb = max(1, batch * crop * crop // (128 * 128))
             x = S.to_tensor(S.render(S.sample_scenes(nb, rng=rng), 128))
         h = m.quant_conv(m.encoder(x * 2 - 1))
+        if step == 0 and not resume:  # data-dependent codebook init (the default +-1/n_e init collapses)
+            flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+            pick = torch.randint(0, flat.shape[0], (VQGAN_N_EMBED,), generator=gen)
+            with torch.no_grad():
+                m.quantize.embedding.weight.copy_(flat[pick] + 0.01 * flat.std() * torch.randn(
+                    (VQGAN_N_EMBED, flat.shape[1]), generator=gen))
         zq, l_q, (_, _, idx) = m.quantize(h)
         r = m.decoder(m.post_quant_conv(zq))
         xt = x * 2 - 1
@@ -542,7 +766,7 @@ def train_vqgan(out_dir: Path, seed: int = 0, steps: int = 600, batch: int = 8, 
                 flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
                 pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
                 with torch.no_grad():
-                    m.quantize.embedding.weight[dead] = flat[pick] + 0.01 * torch.randn(
+                    m.quantize.embedding.weight[dead] = flat[pick] + 0.01 * flat.std() * torch.randn(
                         (len(dead), flat.shape[1]), generator=gen)
                 restarted += len(dead)
             usage.zero_()
@@ -556,6 +780,14 @@ def train_vqgan(out_dir: Path, seed: int = 0, steps: int = 600, batch: int = 8, 
     for p in m.parameters():
         p.requires_grad_(False)
     sd = {k: v.detach().contiguous() for k, v in m.state_dict().items()}
+    if resume:
+        meta = dict(prev)
+        meta["metrics"] = dict(ev, stage1=prev.get("metrics"))
+        meta["finetune"] = {"steps": steps, "batch": batch, "crop": crop, "full_128px_from_step": full_from, "lr": lr,
+                            "dead_code_restarts": restarted, "seed": seed, "seconds": round(train_s, 1),
+                            "trained_by": _COMMAND[0]}
+        _save(out_dir, "shapes-vqgan", sd, meta)
+        return meta
     meta = {"kind": "taming", "ddconfig": VQGAN_DDCONFIG, "n_embed": VQGAN_N_EMBED, "embed_dim": VQGAN_EMBED_DIM,
             "quantizer": "VectorQuantizer2(beta=0.25, legacy=False)", "pixel_range": "[-1, 1]", "image_size": 128,
             "tokens": 16, "downsample": 8, "dtype": "float32", "metrics": ev,
@@ -583,6 +815,20 @@ def _save(out_dir: Path, name: str, state: dict, meta: dict) -> None:
 _COMMAND = ["python -m clipguide.shapes.train"]
 
 
+NOTES = """\
+- Timings are wall-clock on a 2-core VM shared with two other engineers' jobs (load average 4-6), one torch
+  thread per process, two processes at a time; step counts were chosen from the speed measured when the machine
+  was quieter, so the same command on an idle machine takes roughly half as long.
+- CLIP: zero-shot accuracy meets the target, but optimising raw pixels still fools it completely (see the
+  robustness line): hard negatives and adversarial mining move the failure, they do not remove it in this budget.
+- dVAE: circles and squares reconstruct well; small triangles lose their tips (the judge demands IoU >= 0.85 with
+  an ideal triangle), which is most of the shape errors.  The judge's threshold was not relaxed to fit the model.
+- VQGAN: under-trained; with ~10+5 minutes of 1 loaded thread its reconstructions are far from usable (see its
+  metrics).  It loads and runs through exactly the taming code path, which is what the tests and the generation
+  code exercise, but do not expect CLIP-guided VQGAN generations in the shapes world to be judged right.
+"""
+
+
 def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -604,10 +850,15 @@ def write_model_card(out_dir: Path) -> Path:
          "`clipguide.shapes.train` at the end of training (also stored under `metrics` in each json); the judge is",
          "the pixel judge `clipguide.shapes.judge` (no neural network; it demands one coherent blob).", "",
          "Reproduce (step budgets are fixed, so results are deterministic for a seed and thread count):", "",
-         "```", "python -m clipguide.shapes.train --only clip --threads 1 &   # in parallel with",
-         "python -m clipguide.shapes.train --only dvae --threads 1 ; wait",
-         "python -m clipguide.shapes.train --only vqgan --threads 1", "```",
-         "(`clipguide train-shapes ARGS` is the same; `--only clip,dvae,vqgan` trains them one after another.)", "",
+         "```",
+         "python -m clipguide.shapes.train --only clip --threads 1 & python -m clipguide.shapes.train --only dvae --threads 1; wait",
+         "python -m clipguide.shapes.train --only vqgan --threads 1 & python -m clipguide.shapes.train --only dvaeft --threads 1; wait",
+         "python -m clipguide.shapes.train --only vqganft --threads 1 & python -m clipguide.shapes.train --only clipft --threads 1; wait",
+         "```",
+         "(`clipguide train-shapes ARGS` is the same; with no `--only` all six stages run one after another in",
+         "one process.  Stages: clip = contrastive CLIP; dvae = Gumbel-softmax dVAE; dvaeft = dVAE continued with",
+         "hard straight-through codes and an edge-weighted loss; vqgan; vqganft = VQGAN continued; clipft = CLIP",
+         "fine-tuned against adversarial images decoded by the shipped dVAE.)", "",
          f"Shipped files ({total / 1e6:.2f} MB in total):", ""]
     L += [f"- `{f.name}`: {f.stat().st_size / 1e6:.2f} MB" for f in files] + [""]
     if "clip" in metas:
@@ -638,6 +889,17 @@ def write_model_card(out_dir: Path) -> Path:
               f"of the optimised images {_fmt(rob['cosine_optimised'])} vs {_fmt(rob['cosine_real_scenes'])} for real "
               "scenes of the same prompts.  Pixel space is a much harsher proxy than generation through a decoder.",
               ""]
+        if "finetune_dvae_adversarial" in m:
+            ft = m["finetune_dvae_adversarial"]
+            st1 = m["metrics"].get("stage1") or {}
+            L[-1:-1] = [f"- stage 2 (clipft, the numbers above are after it): {ft['steps']} steps, lr {ft['lr']}, "
+                        f"{ft['batch_real']} scenes + {ft['batch_distractors']} distractors + a pool of {ft['pool']} "
+                        f"dVAE token grids ({ft['tokens']}x{ft['tokens']}) pushed one gradient step per training step "
+                        f"toward random canonical prompts through the shipped dVAE decoder, recycled every "
+                        f"{ft['recycle']} steps, fed back as negatives ({ft['dropped_as_genuine']} dropped because the "
+                        f"judge found the prompt genuinely drawn); {ft['seconds'] / 60:.1f} min on 1 thread.",
+                        f"- before stage 2: zero-shot {json.dumps(st1.get('zero_shot_300'))}; pixel robustness "
+                        f"{json.dumps(st1.get('pixel_robustness'))}"]
     for k, title in (("dvae", "shapes-dvae (dall_e Encoder/Decoder)"), ("vqgan", "shapes-vqgan (taming modules)")):
         if k not in metas:
             continue
@@ -653,14 +915,29 @@ def write_model_card(out_dir: Path) -> Path:
               f"{ev['codes_used']} of {m['encoder']['vocab_size'] if k == 'dvae' else m['n_embed']}; judge on the "
               f"reconstructions: colour {_fmt(ja['colour'])}, shape {_fmt(ja['shape'])}, background "
               f"{_fmt(ja['background'])}, all three {_fmt(ja['all'])}.", ""]
-    if "notes" in metas.get("clip", {}):
-        L += ["## Notes", "", metas["clip"]["notes"], ""]
+        if "finetune" in m:
+            ft = m["finetune"]
+            st1 = ev.get("stage1") or {}
+            L[-1:-1] = [f"- stage 2 (vqganft, the numbers above are after it): "
+                        f"`{json.dumps({kk: v for kk, v in ft.items() if kk not in ('seconds', 'trained_by')})}`; "
+                        f"{ft['seconds'] / 60:.1f} min on 1 thread.",
+                        f"- before stage 2: PSNR {st1.get('psnr_db', float('nan')):.2f} dB, codes used "
+                        f"{st1.get('codes_used')}, judge {json.dumps(st1.get('judge_on_reconstructions'))}"]
+        if "finetune_hard" in m:
+            ft = m["finetune_hard"]
+            st1 = ev.get("stage1") or {}
+            L[-1:-1] = [f"- stage 2 (dvaeft, the numbers above are after it): "
+                        f"`{json.dumps({kk: v for kk, v in ft.items() if kk not in ('seconds', 'trained_by')})}`; "
+                        f"{ft['seconds'] / 60:.1f} min on 1 thread.",
+                        f"- before stage 2: PSNR {st1.get('psnr_db', float('nan')):.2f} dB, codes used "
+                        f"{st1.get('codes_used')}, judge {json.dumps(st1.get('judge_on_reconstructions'))}"]
+    L += ["## Known limitations (shipped run)", "", NOTES, ""]
     p = out_dir / "MODEL_CARD.md"
     p.write_text("\n".join(L) + "\n")
     return p
 
 
-def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=KINDS, minutes: float | None = None,
+def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=STAGES, minutes: float | None = None,
                  threads: int = 1, steps: dict | None = None) -> dict:
     """Train the requested models into ``out_dir`` (default: the package's models dir); returns their metadata."""
     import torch
@@ -669,16 +946,18 @@ def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=KINDS, m
 
     out = Path(out_dir) if out_dir is not None else MODELS_DIR
     only = tuple(only)
-    bad = [k for k in only if k not in KINDS]
+    bad = [k for k in only if k not in STAGES]
     if bad:
-        raise ConfigError(f"unknown model kind(s) {', '.join(bad)}: use --only with a comma list of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown model kind(s) {', '.join(bad)}: use --only with a comma list of {', '.join(STAGES)}")
     torch.set_num_threads(int(threads))
     steps = steps or {}
     res = {}
     for k in only:
         n = _steps(k, minutes, steps.get(k))
         _log(f"training {k}: {n} steps, {threads} thread(s), seed {seed}")
-        fn = {"clip": train_clip, "dvae": train_dvae, "vqgan": train_vqgan}[k]
+        fn = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
+              "vqganft": lambda o, seed, steps: train_vqgan(o, seed=seed, steps=steps, lr=8e-4, resume=True),
+              "clipft": finetune_clip_dvae_adversarial}[k]
         res[k] = fn(out, seed=seed, steps=n)
     write_model_card(out)
     return res
@@ -688,7 +967,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="clipguide train-shapes", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(MODELS_DIR), help="output directory (default: the package's models dir)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default=",".join(KINDS), help="comma list of clip,dvae,vqgan")
+    ap.add_argument("--only", default=",".join(STAGES),
+                    help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft (dvaeft continues the dVAE with hard codes; clipft fine-tunes the CLIP against adversarial "
+                         "images decoded by the dVAE; it needs both in --out)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
