@@ -7,6 +7,7 @@ from .errors import ClipguideError, ConfigError, WeightsError
 from .generation import generate, load_models
 from .optimise import Result, StepState, optimise
 from .presets import PRESETS, get_preset
+from .prompts import PromptError, parse_prompt
 from .snapshots import Snapshotter
 
 
@@ -27,4 +28,5 @@ def load_decoder(spec: str, device: str = "cpu"):
 __all__ = [
     "RunConfig", "Result", "StepState", "Snapshotter", "optimise", "generate", "load_models",
     "load_clip", "load_decoder", "PRESETS", "get_preset", "ClipguideError", "ConfigError", "WeightsError",
+    "PromptError", "parse_prompt",
 ]

@@ -169,9 +169,9 @@ def draw_lineage(path, out_png, run: int | None = None, thumb: int = 96) -> Path
     draw = ImageDraw.Draw(sheet)
     for d, n in root.walk():
         x, y = int(xs[id(n)] * cell_w) + 12, d * cell_h + 4
-        for p in n.parents:  # from the bottom of the child to the top of the parent
+        for p in n.parents:  # from below the child's labels to the top of the parent
             px = int(xs[id(p)] * cell_w) + 12
-            draw.line([(x + thumb // 2, y + thumb), (px + thumb // 2, y + cell_h)], fill="grey", width=2)
+            draw.line([(x + thumb // 2, y + thumb + 28), (px + thumb // 2, y + cell_h)], fill="grey", width=2)
         sheet.paste(_thumbnail(n, thumb), (x, y))
         draw.text((x, y + thumb + 2), n.role.replace("_", " "), fill="black")
         draw.text((x, y + thumb + 14), (n.prompt or Path(n.image).name)[:18], fill="dimgray")

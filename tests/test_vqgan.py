@@ -14,7 +14,7 @@ import torch
 
 from clipguide import get_preset, optimise
 from clipguide.cli import main
-from clipguide.decoders import PACKAGE_DIR, load_decoder, taming_cache_paths
+from clipguide.decoders import load_decoder, taming_cache_paths
 from clipguide.decoders.vqgan import VQGANDecoder, write_json
 from clipguide.errors import ConfigError, UnsafePickleError, WeightsError
 from clipguide.generation import load_models
@@ -289,8 +289,6 @@ def test_cli_generates_with_a_vqgan_json(tmp_path, tiny_vqgan, tiny_model_files)
     assert man["models"]["decoder"]["name"] == "tiny-vqgan" and man["models"]["decoder"]["sha256"]
 
 
-@pytest.mark.skipif(not (PACKAGE_DIR / "shapes/models/shapes-vqgan.json").exists(),
-                    reason="shapes-vqgan is not shipped yet (python -m clipguide.shapes.train --only vqgan)")
 @pytest.mark.parametrize("preset", ["vqgan-codebook", "vqgan-zquantize"])
 def test_shipped_shapes_vqgan_runs_both_methods_offline(preset):
     cfg = get_preset(preset).replace(prompts=("a red circle on a blue background",), decoder="shapes-vqgan",

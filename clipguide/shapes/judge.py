@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .scenes import COLOUR_NAMES, PALETTE, shape_mask
+from .scenes import COLOUR_NAMES, PALETTE
 
 COLOUR_TOL = 90.0  # max RGB distance to the nearest palette colour
 BORDER = 2  # border width (pixels) used for the background
