@@ -82,10 +82,12 @@ _add(
 )
 _add(
     "shapes",
-    "clipguide's default recipe, tuned on the offline shapes world: straight-through categorical "
-    "sampling with flipped, noisy cutouts over the shipped shapes-world CLIP and dVAE.",
-    **dict(decoder="shapes-dvae", clip="shapes", size=128, steps=300, latent="categorical", init="randn",
-           cutn=16, cut="crowson", cut_flip=True, loss="spherical", optimiser="adamw", lr=0.1),
+    "clipguide's default recipe, developed on the offline shapes world: straight-through categorical "
+    "sampling from flat initial logits, 16 cutouts with flips, ±15° rotations and a quarter of whole-image "
+    "views, AdamW 0.1, snapshots of an EMA (0.9) of the logits; shapes-world CLIP and dVAE.",
+    **dict(decoder="shapes-dvae", clip="shapes", size=128, steps=300, latent="categorical", init="uniform",
+           cutn=16, cut="crowson", cut_flip=True, cut_affine=15.0, cut_whole=0.25, ema=0.9,
+           loss="spherical", optimiser="adamw", lr=0.1),
 )
 
 # Crowson's VQGAN notebooks (methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.

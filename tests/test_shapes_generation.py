@@ -1,0 +1,25 @@
+"""Behaviour of the default recipe on the shipped shapes world, judged on pixels (no CLIP)."""
+
+from clipguide import get_preset, optimise
+from clipguide.shapes import judge as J
+
+PAIRS = [
+    ("a red circle on a blue background", ("red", "circle", "blue")),
+    ("a yellow square on a black background", ("yellow", "square", "black")),
+    ("a white triangle on a green background", ("white", "triangle", "green")),
+    ("a blue square on an orange background", ("blue", "square", "orange")),
+]
+
+
+def colour_and_background_rate(images, targets):
+    hits = [v.colour == c and v.background == b for v, (c, _, b) in zip(J.judge_batch(images), targets)]
+    return sum(hits) / len(hits)
+
+
+def test_short_default_run_moves_judged_attributes_toward_the_prompt(shapes_models):
+    decoder, clip = shapes_models
+    cfg = get_preset("shapes").replace(prompts=tuple(p for p, _ in PAIRS), steps=60, snapshots=(0,))
+    r = optimise(cfg, decoder, clip)
+    targets = [t for _, t in PAIRS]
+    before, after = colour_and_background_rate(r.snapshots[0], targets), colour_and_background_rate(r.images, targets)
+    assert after >= 0.75 and after > before, (before, after, [v.attributes for v in J.judge_batch(r.images)])
