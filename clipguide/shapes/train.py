@@ -157,6 +157,15 @@ def _prefixed_tensors(**modules) -> dict:
     return {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
 
 
+def _finish_dvae(enc, dec, tag: str) -> tuple[dict, dict]:
+    """Freeze a trained dVAE pair, measure its reconstructions, and return (metrics, tensors to ship)."""
+    for m in (enc, dec):
+        m.eval().requires_grad_(False)
+    ev = _eval_recon(lambda x: dvae_reconstruct(enc, dec, x))
+    _log(f"{tag} eval {ev}")
+    return ev, _prefixed_tensors(encoder=enc, decoder=dec)
+
+
 def _soft_contrastive_step(model, opt, x, text, scenes, tmpl, n_real: int):
     """One CLIP training step with soft targets: a caption is positive for every image whose
     attributes it matches; the distractor images (rows from ``n_real``) match the neutral
@@ -598,13 +607,7 @@ def train_dvae(out_dir: Path, seed: int = 0, steps: int = 1000, batch: int = 8, 
                  f"kl {kl.item():.3f} perplexity {math.exp(-(qbar * torch.log(qbar + 1e-10)).sum().item()):.1f} "
                  f"{(time.time() - t0) / (step + 1):.3f}s/step")
     train_s = time.time() - t0
-    enc.eval()
-    dec.eval()
-    ev = _eval_recon(lambda x: dvae_reconstruct(enc, dec, x))
-    _log(f"dvae eval {ev}")
-    for p in params:
-        p.requires_grad_(False)
-    sd = _prefixed_tensors(encoder=enc, decoder=dec)
+    ev, sd = _finish_dvae(enc, dec, "dvae")
     meta = {"kind": "dall_e", "encoder": DVAE_ENCODER, "decoder": DVAE_DECODER, "image_size": 128, "tokens": 16,
             "downsample": 8, "dtype": "float32", "metrics": ev,
             "training": {"steps": steps, "batch": batch, "crop": crop, "lr": lr, "kl_weight": kl_weight,
@@ -660,13 +663,7 @@ def finetune_dvae(out_dir: Path, seed: int = 0, steps: int = 1200, batch: int = 
             _log(f"dvae-ft step {step + 1}/{steps} rec {np.mean(hist[-log_every:]):.5f} "
                  f"{(time.time() - t0) / (step + 1):.3f}s/step")
     train_s = time.time() - t0
-    enc.eval()
-    dec.eval()
-    ev = _eval_recon(lambda x: dvae_reconstruct(enc, dec, x))
-    _log(f"dvae-ft eval {ev}")
-    for p in params:
-        p.requires_grad_(False)
-    sd = _prefixed_tensors(encoder=enc, decoder=dec)
+    ev, sd = _finish_dvae(enc, dec, "dvae-ft")
     meta = dict(meta)
     meta["metrics"] = dict(ev, stage1=meta.get("metrics"))
     meta["finetune_hard"] = {"steps": steps, "batch": batch, "crop": crop, "lr": lr, "tau": tau,
