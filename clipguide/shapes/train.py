@@ -907,18 +907,12 @@ def write_model_card(out_dir: Path) -> Path:
               f"{ev['codes_used']} of {m['encoder']['vocab_size'] if k == 'dvae' else m['n_embed']}; judge on the "
               f"reconstructions: colour {_fmt(ja['colour'])}, shape {_fmt(ja['shape'])}, background "
               f"{_fmt(ja['background'])}, all three {_fmt(ja['all'])}.", ""]
-        if "finetune" in m:
-            ft = m["finetune"]
+        for key, stage in (("finetune", "vqganft"), ("finetune_hard", "dvaeft")):
+            if key not in m:
+                continue
+            ft = m[key]
             st1 = ev.get("stage1") or {}
-            L[-1:-1] = [f"- stage 2 (vqganft, the numbers above are after it): "
-                        f"`{json.dumps({kk: v for kk, v in ft.items() if kk not in ('seconds', 'trained_by')})}`; "
-                        f"{ft['seconds'] / 60:.1f} min on 1 thread.",
-                        f"- before stage 2: PSNR {st1.get('psnr_db', float('nan')):.2f} dB, codes used "
-                        f"{st1.get('codes_used')}, judge {json.dumps(st1.get('judge_on_reconstructions'))}"]
-        if "finetune_hard" in m:
-            ft = m["finetune_hard"]
-            st1 = ev.get("stage1") or {}
-            L[-1:-1] = [f"- stage 2 (dvaeft, the numbers above are after it): "
+            L[-1:-1] = [f"- stage 2 ({stage}, the numbers above are after it): "
                         f"`{json.dumps({kk: v for kk, v in ft.items() if kk not in ('seconds', 'trained_by')})}`; "
                         f"{ft['seconds'] / 60:.1f} min on 1 thread.",
                         f"- before stage 2: PSNR {st1.get('psnr_db', float('nan')):.2f} dB, codes used "
