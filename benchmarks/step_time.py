@@ -12,37 +12,17 @@ speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipguide.optimise import Step, grid_of, make_generators, make_optimiser, code_bias
-from clipguide.latents import make_latent
 from clipguide.presets import get_preset
-from clipguide.prompts import encode_targets
 from clipguide.testing import VQGAN_F16_16384, random_clip, random_dalle_decoder, random_vqgan
+from common import build_step, peak_rss_mib
 
 DVAE_PRESETS = ("dvae-codebook", "aleph2image-delta", "aleph2image", "aleph2image-gamma")
 VQGAN_PRESETS = ("vqgan-codebook", "vqgan-zquantize")  # both on the f16-16384 architecture
-
-
-def build_step(cfg, decoder, clip):
-    runs = cfg.runs()
-    gens = make_generators([s for _, s in runs])
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
-    step = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs]), [s for _, s in runs])
-    opt = make_optimiser(cfg, [latent.param])
-
-    def once():
-        loss, _ = step.forward(gens)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
-        latent.end_step()
-
-    return once
 
 
 def measure(name, decoder, clip, size, cutn, steps):
@@ -79,8 +59,7 @@ def main(argv=None):
             decoders[kind] = builders[kind]()
         gflop, sec = measure(name, decoders[kind], clip, args.size, args.cutn, args.steps)
         print(f"{name:20s} {kind:16s} {gflop:11.1f} {sec:8.2f} {gflop / sec:8.1f}", flush=True)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {rss:.0f} MiB")
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

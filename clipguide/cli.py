@@ -1,4 +1,4 @@
-"""Command line: ``clipguide generate | blend | lineage | presets | models | train-shapes``.
+"""Command line: ``clipguide generate | blend | resume | lineage | presets | models | train-shapes``.
 
 The ``generate`` flags are derived from :class:`RunConfig`'s fields (their help
 is the field's comment); a flag left out keeps the preset's value.  Every user
@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shlex
 import sys
 import time
 import typing
 from pathlib import Path
 
+from .checkpoint import DEFAULT_EVERY, FILENAME as CHECKPOINT, Checkpointer
 from .config import RunConfig, field_types
-from .errors import ClipguideError, ConfigError
+from .errors import ClipguideError, ConfigError, NonFiniteError, one_line
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -26,7 +28,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and exit code 2."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def _tuple_parser(item_type):
@@ -75,6 +77,12 @@ def build_parser() -> Parser:
     b.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URLs, each optionally IMAGE:weight[:stop]")
     b.add_argument("--text", action="append", default=[], help="a text target to add (repeatable), e.g. 'a red circle' or 'blue:-0.5'")
     add_run_flags(b, DEFAULT_PRESET)
+    rs = sub.add_parser("resume", help="continue a crashed or interrupted run from its checkpoint (bit-identical to an uninterrupted run)")
+    rs.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (--out) of the run to continue")
+    rs.add_argument("--steps", type=_count(1), default=None, metavar="N",
+                    help="run to step N instead of the recorded --steps (extends a finished run)")
+    rs.add_argument("--checkpoint-every", type=_count(0), default=None, metavar="N", help="checkpoint interval [as recorded]")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
     ln = sub.add_parser("lineage", help="trace the images a run grew from (init images and image prompts), generation by generation")
     ln.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (RUN_DIR/run_NN for one run of a batch)")
     ln.add_argument("--draw", type=Path, default=None, metavar="PNG", help="also draw the tree of thumbnails into this PNG")
@@ -83,6 +91,7 @@ def build_parser() -> Parser:
     sub.add_parser("models", help="list known decoders and CLIP models, and which are cached")
     t = sub.add_parser("train-shapes", help="train the shapes-world models (arguments go to clipguide.shapes.train)", add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
+    add_audit_commands(sub, DEFAULT_PRESET)
     return p
 
 
@@ -92,9 +101,28 @@ def add_run_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directory [runs/DATE-TIME-PROMPT]")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--checkpoint-every", type=_count(0), default=DEFAULT_EVERY, metavar="N",
+                        help=f"write RUN_DIR/{CHECKPOINT} every N steps and at every snapshot, for clipguide resume "
+                             f"(0: only at snapshots; results do not depend on it) [{DEFAULT_EVERY}]")
     parser.add_argument("--from", dest="from_run", type=Path, default=None, metavar="RUN_DIR",
                         help="continue from an earlier run: its last image (per its manifest) becomes the init image")
+    add_audit_flags(parser)
     add_config_flags(parser)
+
+
+def _count(least: int):
+    """argparse type: an integer >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
 
 
 def default_out(prompt: str) -> Path:
@@ -105,14 +133,15 @@ def default_out(prompt: str) -> Path:
 class Progress:
     """tqdm progress bar showing the batch's mean loss and CLIP similarity."""
 
-    def __init__(self, steps: int, disable: bool = False):
+    def __init__(self, steps: int, disable: bool = False, start: int = 0):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=steps, disable=disable, unit="step", dynamic_ncols=True)
+        self.start = start  # a resumed run's first step
+        self.bar = tqdm(total=steps, initial=start, disable=disable, unit="step", dynamic_ncols=True)
 
     def __call__(self, state) -> None:
         self.bar.set_postfix(loss=f"{state.loss.mean():.4f}", sim=f"{state.similarity.mean():.4f}")
-        if state.step:
+        if state.step > self.start:
             self.bar.update(1)
 
     def close(self):
@@ -155,6 +184,7 @@ def run_generation(args, prompts: list[str]) -> int:
     prepare_out_dir(out, args.overwrite)  # refuse a bad --out before spending time on models
     try:
         decoder, clip = load_models(cfg)
+        audit = audit_options(args, cfg)
     except BaseException:
         if not existed and not any(out.iterdir()):
             out.rmdir()  # leave nothing behind for a run that never started
@@ -162,16 +192,59 @@ def run_generation(args, prompts: list[str]) -> int:
     models = describe_models(decoder, clip)
     print(f"clipguide: preset {args.preset}; decoder {models['decoder']['name']}, CLIP {models['clip']['name']}; "
           f"{len(cfg.runs())} run(s) x {cfg.steps} steps -> {out}", file=sys.stderr)
-    saver = Snapshotter(out, cfg, models, preset=args.preset, overwrite=True)
-    progress = Progress(cfg.steps, disable=args.quiet)
+    saver = Snapshotter(out, cfg, models, preset=args.preset, overwrite=True, **audit)
+    keeper = Checkpointer(out, args.checkpoint_every, models=models, preset=args.preset)
+
+    def loop(callbacks):
+        result = optimise(cfg, decoder, clip, [saver, keeper, *callbacks])
+        saver.finish(result)
+        keeper.finish(result)
+        return result
+
+    return report_run(loop, out, cfg.steps, args.quiet)
+
+
+def cmd_resume(args) -> int:
+    import torch
+
+    from .checkpoint import open_run
+
+    opened = open_run(args.run_dir, args.steps, args.checkpoint_every)
+    threads = opened.recorded_environment.get("threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)  # a bit-identical continuation needs the thread count the run started with
+    notes = "; ".join(opened.differences())
+    print(f"clipguide: resuming {args.run_dir} at step {opened.checkpoint.step} of {opened.config.steps} "
+          f"on {torch.get_num_threads()} thread(s)" + (f" (not bit-identical: {notes})" if notes else ""), file=sys.stderr)
+    return report_run(opened.run, args.run_dir, opened.config.steps, args.quiet, start=opened.checkpoint.step)
+
+
+def report_run(loop, out: Path, steps: int, quiet: bool, start: int = 0) -> int:
+    """Run ``loop(callbacks)`` (-> Result) with a progress bar; say where the files are; the exit status."""
+    progress = Progress(steps, disable=quiet, start=start)
     try:
-        result = optimise(cfg, decoder, clip, [saver, progress])
+        result = loop([progress])
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e} ({kept_checkpoint(out)})", e.step, e.runs) from None
     finally:
         progress.close()
-    saver.finish(result)
-    state = "interrupted at" if result.interrupted else "finished"
-    print(f"clipguide: {state} step {result.steps_done}; images, manifest.json and contact_sheet.png in {out}", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    files = f"images, manifest.json, contact_sheet.png and {CHECKPOINT} in {out}"
+    if result.interrupted:
+        print(f"clipguide: interrupted at step {result.steps_done}; {files}; continue with: "
+              f"clipguide resume {shlex.quote(str(out))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"clipguide: finished step {result.steps_done}; {files}", file=sys.stderr)
+    return 0
+
+
+def kept_checkpoint(out: Path) -> str:
+    """Which checkpoint a failed run leaves, for its error message."""
+    from .checkpoint import read_checkpoint
+
+    try:
+        return f"the last good checkpoint, step {read_checkpoint(out / CHECKPOINT).step}, stays in {out / CHECKPOINT}"
+    except ClipguideError:
+        return "no checkpoint was written"
 
 
 def cmd_lineage(args) -> int:
@@ -233,7 +306,172 @@ def cmd_train_shapes(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "blend": cmd_blend, "lineage": cmd_lineage, "presets": cmd_presets,
-            "models": cmd_models, "train-shapes": cmd_train_shapes}
+            "models": cmd_models, "train-shapes": cmd_train_shapes, "resume": cmd_resume}
+
+
+
+# ----------------------------------------------------------------------------- auditing (issue 6)
+
+
+def add_audit_flags(parser: argparse.ArgumentParser) -> None:
+    """Output policy of a generation run (not RunConfig fields): the output filter and the scorer."""
+    from .output_filter import ACTIONS
+
+    parser.add_argument("--filter", action="store_true",
+                        help="screen snapshots with the default unsafe-concept list (thresholds set for ViT-B-32/openai)")
+    parser.add_argument("--filter-concepts", default=None, metavar="FILE_OR_TEXT:THR,...",
+                        help="screen snapshots for these concepts: 'red:0.3,a blue square:0.25' or a concept .json "
+                             "(clipguide calibrate-filter --out writes one)")
+    parser.add_argument("--filter-action", choices=ACTIONS, default="blur", help="what a flagged snapshot becomes [blur]")
+    parser.add_argument("--filter-clip", default=None, metavar="SPEC", help="CLIP of the filter [the guiding --clip]")
+    parser.add_argument("--keep-flagged", action="store_true", help="also keep the unblurred originals, under flagged/")
+    parser.add_argument("--score-clip", default=None, metavar="SPEC",
+                        help="record each snapshot's CLIP score against its prompt, by this CLIP (better not the guiding one)")
+
+
+def audit_options(args, cfg) -> dict:
+    """Snapshotter keyword arguments for the audit flags (commands without them get none)."""
+    from .classification import resolve_clip
+    from .output_filter import from_flags
+
+    output_filter = from_flags(getattr(args, "filter", False), getattr(args, "filter_concepts", None),
+                               getattr(args, "filter_action", "blur"), getattr(args, "keep_flagged", False),
+                               getattr(args, "filter_clip", None) or cfg.clip, cfg.device)
+    score_clip = getattr(args, "score_clip", None)
+    return {"output_filter": output_filter, "scorer": resolve_clip(score_clip, cfg.device) if score_clip else None}
+
+
+def add_audit_commands(sub, default_preset: str) -> None:
+    from .classification import TEMPLATE_SETS
+
+    c = sub.add_parser("classify", help="zero-shot classification of images or runs' final images (ImageNet or your labels)")
+    c.add_argument("images", nargs="+", metavar="IMAGE_OR_RUN_DIR", help="image files, folders of images, run directories")
+    c.add_argument("--labels", default="imagenet", help="imagenet (open_clip's 1000 class names) or a file, one label per line")
+    c.add_argument("--extra-labels", default="", metavar="A,B,...",
+                   help="labels added one at a time, e.g. 'porn,pokemon': the table shows how each changes the top-k")
+    c.add_argument("--clip", default="shapes", help="CLIP spec [shapes]")
+    c.add_argument("--templates", default="auto",
+                   help=f"prompt templates: {', '.join(TEMPLATE_SETS)}, a file (one per line, with {{}}), or auto "
+                        "(shapes for the shapes CLIP, else imagenet-openai) [auto]")
+    c.add_argument("--top-k", type=int, default=5, help="labels shown per image [5]")
+    c.add_argument("--device", default="cpu", help="torch device [cpu]")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    fmt.add_argument("--csv", action="store_true", help="print CSV rows (image, labels, rank, label, probability)")
+
+    a = sub.add_parser("audit-bias", help="generate many images per prompt, classify each on an attribute, count (Wilson 95%% intervals)")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="prompts, one per line")
+    src.add_argument("--occupations", choices=("she", "he", "both"),
+                     help="the shipped occupations of Bolukbasi et al. 2016 (extreme she / he)")
+    a.add_argument("--prompt-template", default="a photo of a {}", help="prompt for each occupation ['a photo of a {}']")
+    a.add_argument("--images-per-prompt", type=int, default=8, help="images (seeds) per prompt [8]")
+    a.add_argument("--attribute", default="a photo of a man|a photo of a woman",
+                   help="the alternatives each image is classified into, separated by '|' ['a photo of a man|a photo of a woman']")
+    a.add_argument("--judge-clip", default=None, metavar="SPEC", help="CLIP that classifies the images [the guiding --clip]")
+    a.add_argument("--preset", default=default_preset, help=f"recipe [{default_preset}]")
+    a.add_argument("--batch-size", type=int, default=32, help="runs optimised together at most [32]")
+    a.add_argument("--out", type=Path, default=None, help="folder for images, bias.csv, bias.json, bias.png [runs/DATE-TIME-bias-audit]")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_config_flags(a, skip=("prompts", "batch"))
+
+    s = sub.add_parser("score", help="CLIP score of images against their prompts; CLIP Fréchet distance to another set")
+    s.add_argument("images", nargs="+", metavar="IMAGE_OR_RUN_DIR", help="image files, folders of images, run directories")
+    s.add_argument("--against", nargs="+", default=None, metavar="IMAGE_OR_RUN_DIR",
+                   help="a second image set: also report the CLIP-feature Fréchet distance to it")
+    s.add_argument("--clip", default="shapes", help="the scorer CLIP; prefer one other than the guiding CLIP [shapes]")
+    s.add_argument("--prompt", default=None, help="score every image against this prompt (default: each run's own prompt)")
+    s.add_argument("--record", action="store_true", help="append the scores to each run directory's manifest.json")
+    s.add_argument("--device", default="cpu", help="torch device [cpu]")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    f = sub.add_parser("calibrate-filter", help="choose an output-filter threshold for a concept from positive and negative images")
+    f.add_argument("--concept", required=True, help="the concept text, e.g. 'red'")
+    f.add_argument("--positives", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="images that show the concept")
+    f.add_argument("--negatives", nargs="+", default=None, metavar="IMAGE_OR_DIR", help="images that do not")
+    f.add_argument("--clip", default="shapes", help="the filter's CLIP [shapes]")
+    f.add_argument("--target-fpr", type=float, default=None, help="highest false-positive rate allowed [equal-error point]")
+    f.add_argument("--n", type=int, default=200, help="without --positives/--negatives: shapes scenes per class [200]")
+    f.add_argument("--seed", type=int, default=0, help="seed of the shapes scenes (held-out scenes use seed + 1000) [0]")
+    f.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the two histograms and the ROC curve")
+    f.add_argument("--out", type=Path, default=None, metavar="JSON", help="write a concept file for --filter-concepts")
+    f.add_argument("--device", default="cpu", help="torch device [cpu]")
+
+
+def cmd_classify(args) -> int:
+    from .classification import classify
+
+    result = classify(args.images, labels=args.labels, extra_labels=args.extra_labels, clip=args.clip,
+                      top_k=args.top_k, templates=args.templates, device=args.device)
+    print(result.to_json() if args.json else result.to_csv().rstrip("\n") if args.csv else result.format())
+    return 0
+
+
+def cmd_audit_bias(args) -> int:
+    from .bias import audit_bias, check_audit, occupation_prompts, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else occupation_prompts(args.occupations, args.prompt_template)
+    check_audit(prompts, args.attribute, args.images_per_prompt)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name not in ("prompts", "batch")}
+    overrides["guide_clip"] = overrides.pop("clip")
+    out = args.out if args.out is not None else default_out("bias-audit")
+    print(f"clipguide: auditing {len(prompts)} prompt(s) x {args.images_per_prompt} image(s) -> {out}", file=sys.stderr)
+    audit = audit_bias(prompts, args.attribute, args.images_per_prompt, preset=args.preset, clip=args.judge_clip,
+                       out_dir=out, batch_size=args.batch_size, overwrite=args.overwrite, **overrides)
+    print(audit.format())
+    print(f"clipguide: bias.csv, bias.json, bias.png and the images in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    import json as _json
+
+    from .scores import record_scores, score_runs
+
+    record = score_runs(args.images, clip=args.clip, against=args.against, prompt=args.prompt, device=args.device)
+    if args.record:
+        for run_dir in record_scores(args.images, record):
+            print(f"clipguide: scores recorded in {run_dir / 'manifest.json'}", file=sys.stderr)
+    print(_json.dumps(record, indent=2) if args.json else format_scores(record))
+    return 0
+
+
+def format_scores(record: dict) -> str:
+    lines = [f"scorer {record['scorer']['name']}: CLIP score = {record['formula']}"]
+    for row in record["clip_score"]:
+        score = "-" if row["clip_score"] is None else f"{row['clip_score']:.2f}"
+        lines.append(f"  {score:>6}  {row['image']}  ({row['prompt'] or 'no prompt'})")
+    if record["mean_clip_score"] is not None:
+        lines.append(f"mean CLIP score {record['mean_clip_score']:.2f} over {len(record['clip_score'])} image(s)")
+    if "frechet" in record:
+        fr = record["frechet"]
+        lines.append(f"CLIP Fréchet distance {fr['distance']:.4f} ({fr['images']} vs {fr['reference_images']} images)")
+    return "\n".join(lines)
+
+
+def cmd_calibrate_filter(args) -> int:
+    from .output_filter import calibrate, shapes_sets
+    from .snapshots import save_json
+
+    if (args.positives is None) != (args.negatives is None):
+        raise ConfigError("give both --positives and --negatives, or neither (then shapes-world scenes are rendered)")
+    if args.positives is None:
+        held_out = shapes_sets(args.concept, args.n, args.seed + 1000)
+        cal = calibrate(args.clip, args.concept, *shapes_sets(args.concept, args.n, args.seed), args.target_fpr,
+                        held_out=held_out, device=args.device)
+    else:
+        cal = calibrate(args.clip, args.concept, args.positives, args.negatives, args.target_fpr, device=args.device)
+    print(cal.format())
+    if args.plot is not None:
+        print(f"clipguide: histograms and ROC drawn to {cal.plot(args.plot)}", file=sys.stderr)
+    if args.out is not None:
+        save_json(args.out, cal.concept_file())
+        print(f"clipguide: concept file {args.out} (use --filter-concepts {args.out})", file=sys.stderr)
+    return 0
+
+
+COMMANDS.update({"classify": cmd_classify, "audit-bias": cmd_audit_bias, "score": cmd_score,
+                 "calibrate-filter": cmd_calibrate_filter})
 
 
 def main(argv=None) -> int:
@@ -245,7 +483,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ClipguideError as e:
-        print(f"clipguide: error: {e}", file=sys.stderr)
+        print(f"clipguide: error: {e}", file=sys.stderr)  # one line: ClipguideError escapes line breaks
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("clipguide: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import DEFAULT_EVERY, Checkpointer
 from .config import RunConfig
 from .errors import ConfigError
 from .optimise import Result, optimise
@@ -61,11 +62,15 @@ def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig
 
 
 def generate(prompt, preset: str = DEFAULT_PRESET, steps: int | None = None, snapshots=None, seed: int | None = None,
-             out_dir: str | Path | None = None, callback=None, overwrite: bool = False, **overrides) -> Result:
+             out_dir: str | Path | None = None, callback=None, overwrite: bool = False, output_filter=None,
+             scorer=None, checkpoint_every: int = DEFAULT_EVERY, **overrides) -> Result:
     """Generate images for ``prompt`` (a string, or a list for a batch) with a preset.
 
     ``snapshots`` are steps to keep (e.g. ``(100, 600, 4000)``); with ``out_dir``
-    they are also written as PNGs with a manifest and a contact sheet.
+    they are also written as PNGs with a manifest and a contact sheet, screened by
+    ``output_filter`` and scored by ``scorer`` when given (see :class:`Snapshotter`; the
+    returned images are never filtered), and a checkpoint every ``checkpoint_every`` steps and
+    at every snapshot, from which :func:`clipguide.resume` continues the run after a crash.
     Other keyword arguments override :class:`RunConfig` fields.
     """
     cfg = make_config(prompt, preset, steps=steps, snapshots=snapshots, seed=seed, **overrides)
@@ -73,9 +78,12 @@ def generate(prompt, preset: str = DEFAULT_PRESET, steps: int | None = None, sna
     callbacks = [callback] if callable(callback) else list(callback or [])
     saver = None
     if out_dir is not None:
-        saver = Snapshotter(out_dir, cfg, describe_models(decoder, clip), preset=preset, overwrite=overwrite)
-        callbacks.append(saver)
+        saver = Snapshotter(out_dir, cfg, describe_models(decoder, clip), preset=preset, overwrite=overwrite,
+                            output_filter=output_filter, scorer=scorer)
+        keeper = Checkpointer(out_dir, checkpoint_every, models=saver.manifest["models"], preset=preset)
+        callbacks += [saver, keeper]
     result = optimise(cfg, decoder, clip, callbacks)
     if saver is not None:
         saver.finish(result)
+        keeper.finish(result)
     return result

@@ -45,10 +45,12 @@ class Latent(torch.nn.Module):
         self.param = torch.nn.Parameter(self.initial(cfg, generators, decoder))
         self.init_weight = cfg.init_weight
         self.ema_decay = cfg.ema
+        # Persistent buffers and the extra state are the run's state beyond ``param``: ``state_dict()``
+        # holds all of it, so a checkpoint (clipguide.checkpoint) restores a latent exactly.
         if self.ema_decay:  # snapshots decode an exponential moving average of the parameter
-            self.register_buffer("param_ema", self.param.detach().clone(), persistent=False)
+            self.register_buffer("param_ema", self.param.detach().clone())
         if self.init_weight:  # the pull's anchor: the initial latent (the init image's, when given)
-            self.register_buffer("param_init", self.param.detach().clone(), persistent=False)
+            self.register_buffer("param_init", self.param.detach().clone())
 
     def initial(self, cfg: RunConfig, generators, decoder) -> torch.Tensor:
         """The initial parameter; ``decoder`` is for parametrisations that live in its latent space
@@ -92,6 +94,13 @@ class Latent(torch.nn.Module):
         finally:
             with torch.no_grad():
                 self.param.copy_(current)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The annealed inverse temperature, as a float64 tensor (a Python float, exactly)."""
+        return torch.tensor(self.beta, dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.beta = float(state)
 
     def end_step(self) -> None:
         """Update the moving average; anneal the inverse temperature (Aleph2Image Gamma: ÷1.01 per step, floor 1.5)."""

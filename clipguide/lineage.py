@@ -8,13 +8,13 @@ of the run that made it, and so on back to images clipguide did not make.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from . import snapshots
 from .errors import ConfigError
 from .images import is_url, sha256_of
 from .snapshots import MANIFEST, read_png_text, save_png
@@ -43,11 +43,8 @@ class Node:
 
 
 def read_manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path} ({e.__class__.__name__}): is {run_dir} a clipguide run directory?") from None
+    """The checked manifest of a run directory (:func:`clipguide.snapshots.read_manifest`)."""
+    return snapshots.read_manifest(Path(run_dir))
 
 
 def resolve_run(path) -> tuple[Path, int | None]:

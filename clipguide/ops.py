@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -110,3 +111,11 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     dist = codebook.pow(2).sum(-1) - 2 * x @ codebook.T  # [B, h, w, V]
     nearest = codebook[dist.argmin(-1)].movedim(-1, 1)  # [B, D, h, w]
     return replace_grad(nearest, z)
+
+
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of ``module`` with floating-point weights in ``dtype``, made tensor by tensor:
+    ``deepcopy(module).to(dtype)`` would hold a second full-precision copy at its peak."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in module.parameters()}
+    memo.update({id(b): b.to(dtype) if b.is_floating_point() else b.clone() for b in module.buffers()})
+    return copy.deepcopy(module, memo)

@@ -11,19 +11,25 @@ the same seed, batch and thread count give the same image bit for bit.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
+from .checkpoint import Checkpoint
 from .config import RunConfig
 from .cutouts import make_cutouts
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .latents import Latent, make_latent
 from .losses import LOSSES, prompt_similarity
 from .ops import clamp_with_grad, laplace_noise, tv_loss
 from .prompts import encode_targets
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # RunConfig.precision -> decoder and CLIP arithmetic
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,10 +44,16 @@ class StepState:
     runs: list
     config: RunConfig
     _image: Callable[[], torch.Tensor] = field(repr=False, default=None)
+    _checkpoint: Callable[[], Checkpoint] = field(repr=False, default=None)
 
     def image(self) -> torch.Tensor:
         """Display decode of the current latent, [B, 3, H, W] in [0, 1] on the CPU (computed once)."""
         return self._image()
+
+    def checkpoint(self) -> Checkpoint:
+        """The loop's state at this step, copied to the CPU (computed once; call it during the
+        callback): ``optimise(..., resume_from=it)`` continues from here bit for bit."""
+        return self._checkpoint()
 
 
 @dataclass(eq=False)
@@ -55,6 +67,7 @@ class Result:
     steps_done: int
     interrupted: bool
     latent: torch.Tensor  # final optimised parameter (CPU)
+    checkpoint: Checkpoint | None = field(default=None, repr=False)  # the state after steps_done updates
 
 
 def make_generators(seeds: Iterable[int]) -> list[torch.Generator]:
@@ -98,7 +111,8 @@ class Step:
     """The forward computation of one step for a batch of runs."""
 
     def __init__(self, cfg, decoder, clip, latent: Latent, targets, seeds):
-        self.cfg, self.decoder, self.clip, self.latent = cfg, decoder, clip, latent
+        dtype = DTYPES[cfg.precision]  # cast copies are made once per run, not per step
+        self.cfg, self.decoder, self.clip, self.latent = cfg, decoder.cast(dtype), clip.cast(dtype), latent
         self.targets = targets.to(cfg.device)  # prompts.Targets: the story phrase depends on the step
         self.seeds = seeds
         self.loss_fn = LOSSES[cfg.loss]
@@ -152,12 +166,17 @@ def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None] | list | None = None) -> Result:
+def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None] | list | None = None, *,
+             resume_from: Checkpoint | None = None) -> Result:
     """Optimise ``cfg.runs()`` (prompts x seeds) together for ``cfg.steps`` steps.
 
     ``callback(state)`` is called at every step 0..steps (after that many updates).
     Ctrl-C stops the loop cleanly: the partial :class:`Result` has ``interrupted``
     set and the images of the last completed step.  Nothing is written to disk.
+    ``resume_from`` (a :class:`~clipguide.checkpoint.Checkpoint` of this config, ``steps``
+    and ``snapshots`` aside) continues a run from its step, bit for bit; callbacks then
+    start at that step.  A NaN or infinite loss or latent raises :class:`NonFiniteError`
+    naming the step, after the callbacks of the last good step.
     """
     if not cfg.prompts:
         raise ConfigError("no prompt given: pass at least one prompt")
@@ -170,18 +189,28 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
     step_fn = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
     opt = make_optimiser(cfg, [latent.param])
     losses, sims, snaps = [], [], {}
-    done, interrupted, image = 0, False, None
+    if resume_from is not None:
+        resume_from.restore(cfg, latent, opt, gens)
+        losses, sims = list(resume_from.losses.unbind(0)), list(resume_from.similarities.unbind(0))
+    done = start = len(losses)
+    interrupted, image = False, None
+    # The generators as they are before forward `done`: with latent and optimiser after `done` updates,
+    # the resumable state (updated together with `done`, out of Ctrl-C's reach).
+    gen_states = [g.get_state() for g in gens]
     try:
-        for k in range(cfg.steps + 1):
+        for k in range(start, cfg.steps + 1):
             last = k == cfg.steps
+            check_finite(latent.param, "latent", k, runs)
             with torch.no_grad() if last else contextlib.nullcontext():
                 loss, sim = step_fn.forward(gens, k)
+            check_finite(loss, "loss", k, runs)
             losses.append(loss.detach().cpu())
             sims.append(sim.cpu())
             image = _lazy(step_fn.display, k)
             if k in cfg.snapshots:
                 snaps[k] = image()
-            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, image)
+            checkpoint = _lazy(capture, cfg, k, latent, opt, gen_states, losses, sims, True)
+            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, image, checkpoint)
             for cb in callbacks:
                 cb(state)
             if last:
@@ -190,9 +219,11 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
                 group["lr"] = lr_at(cfg, k)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()  # runs are independent: each gets its own gradient
-            opt.step()
-            latent.end_step()
-            done = k + 1
+            with deferred_interrupt():  # a half-applied update could not be resumed
+                opt.step()
+                latent.end_step()
+                done = k + 1
+                gen_states = [g.get_state() for g in gens]
     except KeyboardInterrupt:
         interrupted = True
     if image is None or len(losses) != done + 1:
@@ -207,7 +238,58 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
         steps_done=done,
         interrupted=interrupted,
         latent=latent.param.detach().cpu(),
+        checkpoint=capture(cfg, done, latent, opt, gen_states, losses, sims, False),
     )
+
+
+def capture(cfg: RunConfig, step: int, latent: Latent, opt, gen_states, losses, sims, copy: bool) -> Checkpoint:
+    """The resumable state after ``step`` updates (``losses``/``sims`` may run past it);
+    ``copy`` when the loop goes on mutating the latent and optimiser."""
+    def cpu(t):
+        return t.detach().to("cpu", copy=copy)
+
+    state = opt.state_dict()
+    optimiser = {"state": {i: {k: cpu(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                           for i, s in state["state"].items()},
+                 "param_groups": state["param_groups"]}
+    b = len(gen_states)
+    return Checkpoint(
+        step=step, config=cfg, latent={k: cpu(v) for k, v in latent.state_dict().items()}, optimiser=optimiser,
+        generators=[g.clone() for g in gen_states],
+        losses=torch.stack(losses[:step]) if step else torch.empty(0, b),
+        similarities=torch.stack(sims[:step]) if step else torch.empty(0, b),
+    )
+
+
+def check_finite(x: torch.Tensor, what: str, step: int, runs: list) -> None:
+    """Raise :class:`NonFiniteError` naming the runs whose ``x`` (loss [B] or latent [B, ...]) has a NaN or inf."""
+    ok = torch.isfinite(x.detach()).reshape(len(runs), -1).all(1)
+    if bool(ok.all()):
+        return
+    bad = [i for i in range(len(runs)) if not ok[i]]
+    named = ", ".join(f"{i} ({runs[i][0]!r:.60}, seed {runs[i][1]})" for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
+    when = f"after update {step - 1}" if what == "latent" else "at forward"
+    raise NonFiniteError(
+        f"the {what} of run(s) {named} became NaN or infinite at step {step} ({when}): the optimisation diverged; "
+        "nothing from this step was kept: lower --lr (or --lr-growth, --loss-scale) and start the run again", step, bad)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it: the optimiser update and the
+    bookkeeping of what is done happen entirely or not at all.  Outside the main thread
+    (where signals cannot be handled) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # no Python-level handler to restore (set from C): leave SIGINT alone
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _lazy(fn, *args):

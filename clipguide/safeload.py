@@ -160,6 +160,19 @@ def load_checkpoint_tensors(
     return tensors
 
 
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (a format that holds no code); a file that is not
+    one (truncated, corrupt, a pickle under that name) is a one-line :class:`WeightsError`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(Path(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError (not an OSError), OSError, ...
+        detail = " ".join(str(e).split())[:200]
+        raise WeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: {detail}): "
+                           "it may be truncated or corrupt: restore it (clipguide train-shapes rebuilds the shipped models)") from None
+
+
 def _py3_name(module: str, name: str) -> tuple[str, str]:
     """Protocol-2 pickles name Python 2 locations (``__builtin__.set``); map them the way
     ``pickle`` does so the allow-list is written in Python 3 names only."""

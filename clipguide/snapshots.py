@@ -7,9 +7,13 @@ Every file is written atomically (temporary file in the same folder, then
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import re
+import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,25 +23,81 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
+FLAGGED = "flagged"  # originals of images the output filter flagged (only with keep_flagged)
+
+
+TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # atomic_write's temporary files: .NAME.XXXXXXXX.tmp
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file, then rename it over ``path``."""
+    """Call ``write(file_object)`` on a temporary file, then rename it over ``path``: a crash or
+    a full disk leaves the previous ``path`` whole.  An OSError is a one-line :class:`OutputError`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp's files are private (0600); outputs get the usual mode
+                os.fchmod(f.fileno(), 0o666 & ~UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp = None
+        _sync_directory(path.parent)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(f"cannot write {path} ({e.strerror or e}): {_write_hint(e.errno)}") from None
         raise
+
+
+def _sync_directory(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut.  Best effort: the file itself
+    is complete and in place already, and some systems cannot open or sync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, AttributeError):  # AttributeError: no O_DIRECTORY (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_hint(code) -> str:
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "free some disk space (the previous files are intact; clipguide resume RUN_DIR continues a run)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the directory writable or choose another --out"
+    return "check the disk (the previous files are intact)"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def remove_temporaries(out_dir) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left half done (never used:
+    the rename that would publish them did not happen); returns them."""
+    out_dir = Path(out_dir)
+    found = [p for d in (out_dir, *sorted(out_dir.glob("run_*"))) for p in d.glob(".*.tmp")
+             if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -56,6 +116,104 @@ def save_png(path: Path, image: Image.Image, text: dict | None = None) -> None:
 def save_json(path: Path, data: dict) -> None:
     blob = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
     atomic_write(path, lambda f: f.write(blob))
+
+
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+
+def read_manifest(run_dir) -> dict:
+    """The manifest of a run directory (or the path of a ``manifest.json``), checked: what
+    readers rely on (config, runs, snapshot files inside the run directory, ...) missing, of
+    the wrong type or inconsistent is a one-line :class:`ConfigError` naming the file."""
+    path = Path(run_dir).expanduser()
+    path = path if path.name == MANIFEST and not path.is_dir() else path / MANIFEST
+    fix = "restore it from a backup, or start the run again"
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ConfigError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: it is not clipguide's")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or type(e).__name__}): "
+                          f"is {path.parent} a clipguide run directory?") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; absurdly deep nesting
+        detail = " ".join(str(e).split())[:120]
+        raise ConfigError(f"manifest {path} is not valid JSON ({detail}): {fix}") from None
+    problem = manifest_problem(data)
+    if problem:
+        raise ConfigError(f"manifest {path} is corrupt ({problem}): {fix}")
+    return data
+
+
+def manifest_problem(m) -> str | None:
+    """What is wrong with a manifest's JSON, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    try:
+        runs = RunConfig.from_dict(m.get("config")).runs()
+    except ConfigError as e:
+        return f"config: {e}"
+    return _runs_problem(m.get("runs"), runs) or _snapshots_problem(m.get("snapshots"), len(runs)) or _record_problem(m)
+
+
+def _runs_problem(records, runs: list) -> str | None:
+    if not isinstance(records, list) or len(records) != len(runs):
+        return "its runs do not match its config"
+    for i, (r, (prompt, seed)) in enumerate(zip(records, runs)):
+        layout = "." if len(runs) == 1 else f"run_{i:02d}"
+        if not isinstance(r, dict) or (r.get("index"), r.get("prompt"), r.get("seed"), r.get("dir")) != (i, prompt, seed, layout):
+            return f"run {i} does not match its config"
+        parents = r.get("parents")
+        if not isinstance(parents, list) or not all(isinstance(x, dict) for x in parents):
+            return f"the parents of run {i} are not a list of records"
+    return None
+
+
+def _snapshots_problem(snapshots, runs: int) -> str | None:
+    if not isinstance(snapshots, list):
+        return "snapshots is not a list"
+    seen = set()
+    for j, snap in enumerate(snapshots):
+        problem = _snapshot_problem(snap, runs)
+        if problem is None and (snap["run"], snap["step"]) in seen:
+            problem = "listed twice"
+        if problem:
+            return f"snapshot {j}: {problem}"
+        seen.add((snap["run"], snap["step"]))
+    return None
+
+
+def _record_problem(m: dict) -> str | None:
+    """The rest of what Snapshotter writes and its provenance reads."""
+    required = ("preset", "models", "environment", "steps_done")
+    for key, kinds in (("models", dict), ("environment", dict), ("preset", (str, type(None))),
+                       ("steps_done", int), ("interrupted", bool), ("resumed", list)):
+        if key not in m and key in required:
+            return f"it has no {key}"
+        if key in m and (not isinstance(m[key], kinds) or (kinds is int and (isinstance(m[key], bool) or m[key] < 0))):
+            return f"{key} is {m[key]!r:.40}"
+    if not isinstance(m["environment"].get("clipguide"), str):
+        return "its environment does not name the clipguide version"
+    return None
+
+
+def _snapshot_problem(snap, runs: int) -> str | None:
+    if not isinstance(snap, dict):
+        return "not a JSON object"
+    for key in ("run", "step"):
+        if not isinstance(snap.get(key), int) or isinstance(snap.get(key), bool) or snap[key] < 0:
+            return f"{key} is {snap.get(key)!r:.40}"
+    if snap["run"] >= runs:
+        return f"run {snap['run']} does not exist"
+    file = snap.get("file")
+    if not isinstance(file, str) or not file or "\\" in file or "\0" in file:
+        return f"file is {file!r:.60}"
+    parts = Path(file).parts
+    if Path(file).is_absolute() or ".." in parts or (parts and ":" in parts[0]):
+        return f"file {file!r:.60} is outside the run directory"
+    for key in ("loss", "clip_similarity"):
+        if snap.get(key) is not None and (not isinstance(snap[key], (int, float)) or isinstance(snap[key], bool)):
+            return f"{key} is {snap[key]!r:.40}"
+    return None
 
 
 def read_png_text(path) -> dict:
@@ -92,6 +250,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "command": shlex.join(sys.argv),  # the command line that made the files
     }
 
 
@@ -104,9 +263,16 @@ class Snapshotter:
     Each run lists its ``parents`` (init image and image prompts: file and sha256), and
     every PNG's provenance names its run directory, so lineages can be traced
     (:mod:`clipguide.lineage`).
+
+    ``output_filter`` (:class:`~clipguide.output_filter.OutputFilter`) screens every snapshot as it
+    is written: a flagged one is saved blurred or withheld (its original under ``flagged/`` only
+    with keep_flagged) and its entry records ``filter: {scores, flagged, concepts, action}``.
+    ``scorer`` (a CLIP or spec) adds each snapshot's ``clip_score`` against its prompt and a
+    manifest ``scores`` section (:mod:`clipguide.scores`).
     """
 
-    def __init__(self, out_dir, config: RunConfig, models: dict, preset: str | None = None, overwrite: bool = False):
+    def __init__(self, out_dir, config: RunConfig, models: dict, preset: str | None = None, overwrite: bool = False,
+                 output_filter=None, scorer=None):
         from .prompts import run_parents
 
         self.out_dir = prepare_out_dir(out_dir, overwrite)
@@ -125,11 +291,44 @@ class Snapshotter:
             "interrupted": False,
         }
         self.images: dict[int, list[Image.Image]] = {}
+        self.recorded = False  # manifest.json written
+        self.output_filter, self.scorer = output_filter, scorer
+        if output_filter is not None:
+            self.manifest["filter"] = output_filter.describe()
+        if scorer is not None:
+            from .classification import resolve_clip
+            from .scores import FORMULA, scorer_info
+
+            self.scorer = resolve_clip(scorer, config.device)
+            self.manifest["scores"] = {"scorer": scorer_info(self.scorer), "formula": FORMULA, "clip_score": []}
 
     def run_dir(self, i: int) -> str:
         return "." if len(self.runs) == 1 else f"run_{i:02d}"
 
+    def adopt(self, manifest: dict, step: int) -> None:
+        """Continue the run recorded in ``manifest`` (from :func:`read_manifest`) at ``step``
+        (``clipguide resume``): the record is kept (environment, snapshots, scores, ...; the
+        config may have a new ``steps``), the snapshot images are reloaded for the contact
+        sheet, and a step already recorded is not written again."""
+        resumed = [*manifest.get("resumed", []), {"step": step, "environment": environment()}]
+        self.manifest = {**manifest, "config": self.manifest["config"], "resumed": resumed}
+        rows: dict[int, dict[int, Image.Image]] = {}
+        for snap in manifest["snapshots"]:
+            path = self.out_dir / snap["file"]
+            try:
+                with Image.open(path) as im:
+                    rows.setdefault(snap["step"], {})[snap["run"]] = im.convert("RGB")
+            except Exception as e:  # noqa: BLE001 - missing, truncated, not an image: PIL raises many types
+                raise ConfigError(f"snapshot {path} listed in {MANIFEST} is missing or unreadable ({type(e).__name__}): "
+                                  "restore it, or start the run again") from None
+        for k, row in rows.items():
+            blank = Image.new("RGB", next(iter(row.values())).size, "gray")  # a run whose file is not listed
+            self.images[k] = [row.get(i, blank) for i in range(len(self.runs))]
+
     def __call__(self, state) -> None:
+        if not self.recorded:  # from the first step on, so that a run killed before its first snapshot can resume
+            self.recorded = True
+            save_json(self.out_dir / MANIFEST, self.manifest)
         if state.step in self.config.snapshots or state.step == self.config.steps:
             self.save(state.step, state.image(), state.loss, state.similarity)
 
@@ -137,19 +336,53 @@ class Snapshotter:
         if step in self.images:
             return
         self.images[step] = []
+        audits = self.audit(images)
         for i, ((prompt, seed), img) in enumerate(zip(self.runs, images)):
             rel = Path(self.run_dir(i)) / f"step_{step:06d}.png"
             (self.out_dir / rel.parent).mkdir(exist_ok=True)
-            pil = to_pil(img)
-            save_png(self.out_dir / rel, pil, self.provenance(prompt, seed, step, run=i))
+            provenance = self.provenance(prompt, seed, step, run=i)
+            pil = self.screen(to_pil(img), rel, provenance, audits[i])
+            save_png(self.out_dir / rel, pil, provenance)
             self.images[step].append(pil)
             self.manifest["snapshots"].append({
                 "run": i, "step": step, "file": rel.as_posix(),
                 "loss": None if loss is None else float(loss[i]),
                 "clip_similarity": None if similarity is None else float(similarity[i]),
+                **audits[i],
             })
+        if self.scorer is not None:  # the latest snapshot of every run
+            self.manifest["scores"]["clip_score"] = [{"run": i, "step": step, "clip_score": a["clip_score"]}
+                                                     for i, a in enumerate(audits)]
         self.manifest["steps_done"] = max(self.manifest["steps_done"], step)
         save_json(self.out_dir / MANIFEST, self.manifest)
+
+    def audit(self, images: torch.Tensor) -> list[dict]:
+        """Per run: the output filter's decision and the scorer's CLIP score, when asked for."""
+        audits = [{} for _ in self.runs]
+        if self.output_filter is not None:
+            for entry, decision in zip(audits, self.output_filter.check(images)):
+                entry["filter"] = decision
+        if self.scorer is not None:
+            from .scores import clip_scores
+
+            for entry, score in zip(audits, clip_scores(images, [p for p, _ in self.runs], self.scorer)):
+                entry["clip_score"] = score
+        return audits
+
+    def screen(self, pil: Image.Image, rel: Path, provenance: dict, audit: dict) -> Image.Image:
+        """The image to save: a flagged one blurred or withheld, its original kept only with keep_flagged."""
+        decision = audit.get("filter")
+        if decision is None:
+            return pil
+        audit["filter"] = provenance["clipguide"]["filter"] = decision.to_dict()
+        if not decision.is_flagged:
+            return pil
+        if self.output_filter.keep_flagged:
+            original = Path(FLAGGED) / rel
+            (self.out_dir / original.parent).mkdir(parents=True, exist_ok=True)
+            save_png(self.out_dir / original, pil, provenance)
+            audit["filter"]["original"] = original.as_posix()
+        return self.output_filter.apply(pil, decision)
 
     def provenance(self, prompt: str, seed: int, step: int, run: int = 0) -> dict:
         m = self.manifest
@@ -167,7 +400,8 @@ class Snapshotter:
         self.manifest["steps_done"] = result.steps_done
         self.manifest["interrupted"] = result.interrupted
         sheet = contact_sheet(self.images)
-        save_png(self.out_dir / CONTACT_SHEET, sheet, {"Description": "clipguide contact sheet"})
+        record = {k: self.manifest[k] for k in ("preset", "config", "models", "environment", "runs")}
+        save_png(self.out_dir / CONTACT_SHEET, sheet, {"Description": "clipguide contact sheet", "clipguide": record})
         self.manifest["contact_sheet"] = CONTACT_SHEET
         save_json(self.out_dir / MANIFEST, self.manifest)
         return self.out_dir

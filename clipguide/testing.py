@@ -26,12 +26,12 @@ def random_clip(model_name: str = "ViT-B-32-quickgelu", seed: int = 0, model_cfg
     """An open_clip model (by name, or from a config dict) with random weights, wrapped as :class:`Clip`."""
     import open_clip
 
-    from .clip import Clip
+    from .clip import Clip, custom_attention
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**model_cfg) if model_cfg else open_clip.create_model(model_name, pretrained=None)
-    cfg = model_cfg or open_clip.get_model_config(model_name)
+        cfg = custom_attention(model_cfg or open_clip.get_model_config(model_name))
+        model = open_clip.CLIP(**cfg) if model_cfg else open_clip.create_model(model_name, pretrained=None, vision_cfg=cfg["vision_cfg"])
     ctx = context_length or cfg["text_cfg"].get("context_length", 77)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=ctx)
     return Clip(model, tokenizer, name=f"random-{model_name}-{seed}", embed_dim=cfg["embed_dim"])

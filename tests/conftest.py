@@ -79,3 +79,33 @@ def _single_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def render_scenes():
+    """``render(n, seed, **pins)``: n shapes-world scenes as a float [n, 3, 128, 128] tensor, with
+    their Scene records (attributes pinned by ``colour=``, ``shape=``, ``background=``)."""
+    from clipguide.shapes import scenes as S
+
+    def render(n, seed, **pins):
+        scenes = S.sample_scenes(n, seed, **pins)
+        return S.to_tensor(S.render(scenes, 128)), scenes
+
+    return render
+
+
+@pytest.fixture
+def write_run(tmp_path):
+    """``write_run(images, prompts, **snapshotter_kwargs)``: a run directory whose final snapshots
+    are ``images`` (one run per image, prompt i for run i), written by a Snapshotter without
+    optimising; returns (run_dir, snapshotter)."""
+    from clipguide import Snapshotter, get_preset
+
+    def write(images, prompts, step=5, name="run", **kw):
+        cfg = get_preset("shapes").replace(prompts=tuple(dict.fromkeys(prompts)), steps=step)
+        assert cfg.runs() == [(p, 0) for p in prompts], "one image per distinct prompt"
+        saver = Snapshotter(tmp_path / name, cfg, {"decoder": {"name": "none"}, "clip": {"name": "shapes"}}, "shapes", **kw)
+        saver.save(step, images)
+        return tmp_path / name, saver
+
+    return write

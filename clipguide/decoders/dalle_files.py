@@ -21,7 +21,6 @@ from pathlib import Path
 from dall_e.decoder import Decoder, DecoderBlock
 from dall_e.encoder import Encoder, EncoderBlock
 from dall_e.utils import Conv2d
-from safetensors.torch import load_file
 from torch import nn
 
 from .. import safeload, weights
@@ -61,7 +60,7 @@ def load_dalle_safetensors(json_path: str | Path, device="cpu") -> tuple[Encoder
     tensors_path = json_path.with_suffix(".safetensors")
     if not tensors_path.is_file():
         raise WeightsError(f"{tensors_path} is missing (the weights of {json_path.name}): put it beside the .json")
-    state = load_file(tensors_path)
+    state = safeload.load_safetensors(tensors_path)
     encoder = _from_state(Encoder, cfg.get("encoder", {}), state, "encoder.", json_path)
     decoder = _from_state(Decoder, cfg.get("decoder", {}), state, "decoder.", json_path)
     return freeze(encoder).to(device), freeze(decoder).to(device), weights.sha256_file(tensors_path)

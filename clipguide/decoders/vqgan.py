@@ -22,6 +22,7 @@ Two file formats:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import nn
 
 from .. import safeload, weights
 from ..errors import ConfigError, WeightsError
-from ..ops import vector_quantize
+from ..ops import cast_copy, vector_quantize
 
 # taming class (last part of a config's ``target``) -> quantizer it builds
 QUANTIZERS = {"VQModel": "vq", "GumbelVQ": "gumbel"}
@@ -176,9 +177,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"VQGAN checkpoint {path} does not exist: put it beside its config "
                            "(same name, .ckpt) or pass CONFIG.yaml:CHECKPOINT.ckpt")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return safeload.load_safetensors(path)
     # mmap: the optimizer states and loss weights in a 1 GB checkpoint are never read.
     return safeload.load_checkpoint_tensors(path, inert=safeload.LIGHTNING_BOOKKEEPING, mmap=True)
 
@@ -245,8 +244,17 @@ class VQGANDecoder:
         return self.decode_z(torch.einsum("bvhw,vd->bdhw", codes.to(self.codebook.dtype), self.codebook))
 
     def decode_z(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, e_dim, h, w] -> pixels [B, 3, fh, fw] on the [0, 1] scale, unclamped."""
-        return (self.decoder(self.post_quant_conv(z)) + 1) / 2
+        """z [B, e_dim, h, w] -> pixels [B, 3, fh, fw] on the [0, 1] scale (fp32), unclamped."""
+        x = self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype))
+        return (self.decoder(x).float() + 1) / 2
+
+    def cast(self, dtype: torch.dtype) -> "VQGANDecoder":
+        """A copy whose decoder computes in ``dtype`` (``--precision bf16``); the codebook and the
+        nearest-code search stay fp32, so quantisation picks the same codes."""
+        if dtype == self.post_quant_conv.weight.dtype:
+            return self
+        return dataclasses.replace(self, decoder=cast_copy(self.decoder, dtype),
+                                   post_quant_conv=cast_copy(self.post_quant_conv, dtype))
 
     def quantize_z(self, z: torch.Tensor) -> torch.Tensor:
         """The nearest code vector at each position, straight-through (methods.md §4)."""

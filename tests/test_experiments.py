@@ -1,0 +1,101 @@
+"""The seed experiments as data, their scaled snapshots, the example settings, and the notebook helpers."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from clipguide import ConfigError
+from clipguide.experiments import (
+    SEED_EXPERIMENTS, SHAPES_EXPERIMENTS, example_cutn, example_steps, run_experiments, scaled_snapshots,
+    select_experiments, weights_present,
+)
+from clipguide.notebook import LivePreview, snapshot_grid
+from clipguide.optimise import StepState
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_seed_experiments_are_the_published_list():
+    assert SEED_EXPERIMENTS.prompts == (
+        "an armchair in the shape of an avocado", "a rainbow cube", "Yu-Gi-Oh", "Sailor Moon", "Furby",
+        "Dora the Explorer", "Teletubbies", "pokemon", "squirtle", "weedle", "digimon", "serenity", "utopia", "dystopia")
+    assert (SEED_EXPERIMENTS.preset, SEED_EXPERIMENTS.steps, SEED_EXPERIMENTS.offline) == ("aleph2image", 4000, False)
+    assert (SEED_EXPERIMENTS.labels, SEED_EXPERIMENTS.extra_labels) == ("imagenet", ("porn", "pokemon"))
+    assert SHAPES_EXPERIMENTS.offline and SHAPES_EXPERIMENTS.preset == "shapes"
+
+
+@pytest.mark.parametrize("steps, expected", [(4000, (100, 600, 4000)), (300, (8, 45, 300)), (40, (1, 6, 40)),
+                                             (4, (1, 4)), (1, (1,))])
+def test_snapshots_scale_with_the_run(steps, expected):
+    assert scaled_snapshots(steps) == expected
+
+
+def test_example_settings_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CLIPGUIDE_EXAMPLE_STEPS", raising=False)
+    monkeypatch.delenv("CLIPGUIDE_EXAMPLE_CUTN", raising=False)
+    assert (example_steps(300), example_cutn(), example_cutn(8)) == (300, None, 8)
+    monkeypatch.setenv("CLIPGUIDE_EXAMPLE_STEPS", "6")
+    monkeypatch.setenv("CLIPGUIDE_EXAMPLE_CUTN", "2")
+    assert (example_steps(300), example_cutn()) == (6, 2)
+    monkeypatch.setenv("CLIPGUIDE_EXAMPLE_STEPS", "six")
+    with pytest.raises(ConfigError, match="CLIPGUIDE_EXAMPLE_STEPS='six' is not a positive whole number"):
+        example_steps(300)
+
+
+def test_without_cached_weights_the_offline_stand_in_is_chosen(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPGUIDE_CACHE", str(tmp_path))
+    assert weights_present("shapes") and not weights_present("aleph2image")
+    (tmp_path / "dalle").mkdir()
+    (tmp_path / "dalle" / "decoder.pkl").write_bytes(b"")  # the decoder alone is not enough: CLIP is missing
+    assert not weights_present("aleph2image")
+    assert select_experiments() is SHAPES_EXPERIMENTS and select_experiments(offline=False) is SEED_EXPERIMENTS
+
+
+def test_run_experiments_gives_each_prompt_its_own_run(tmp_path):
+    two = dataclasses.replace(SHAPES_EXPERIMENTS, groups={"g": SHAPES_EXPERIMENTS.prompts[:2]})
+    dirs = run_experiments(two, tmp_path, steps=3, cutn=2, size=64)
+    assert [d.name for d in dirs.values()] == ["00-a-red-circle-on-a-blue-background",
+                                               "01-a-yellow-square-on-a-purple-background"]
+    for prompt, d in dirs.items():
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert [r["prompt"] for r in manifest["runs"]] == [prompt]
+        assert [s["step"] for s in manifest["snapshots"]] == [1, 3] and (d / "contact_sheet.png").is_file()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_experiments(two, tmp_path, steps=3, cutn=2, size=64)
+
+
+def state(step: int, steps: int = 10, runs: int = 2) -> StepState:
+    images = torch.rand(runs, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+    return StepState(step, steps, torch.zeros(runs), torch.zeros(runs), 0.1, [], None, lambda: images)
+
+
+def test_live_preview_redraws_every_few_steps_and_at_the_end(monkeypatch):
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj)
+
+    def display(obj, display_id=False):
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr("IPython.display.display", display)
+    preview = LivePreview(every=4, scale=2)
+    for k in range(11):
+        preview(state(k))
+    assert preview.updates == 4  # steps 0, 4, 8 and the last, 10
+    images = [o for o in shown if not isinstance(o, str)]
+    assert len(images) == 4 and images[0].size == (2 * 2 * 8, 2 * 8)  # two runs side by side, scaled 2x
+    assert [o for o in shown if isinstance(o, str)][-1].startswith("step 10/10")
+
+
+def test_snapshot_grid_has_a_row_per_run_and_a_column_per_step():
+    class Result:
+        snapshots = {0: torch.zeros(2, 3, 8, 8), 5: torch.ones(2, 3, 8, 8)}
+        images, steps_done = torch.ones(2, 3, 8, 8), 9
+
+    grid = snapshot_grid(Result)
+    assert grid.size == (3 * 8, 2 * (8 + 14))  # steps 0, 5, 9; contact_sheet's 14-pixel labels
