@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipguide.losses import spherical_distance
+from clipguide.optimise import DTYPES
 from clipguide.ops import clamp_with_grad, laplace_noise, replace_grad, resample, vector_quantize
 from clipguide.presets import dalle_blacklist, get_preset
 from clipguide.testing import VQGAN_F16_16384, random_clip, random_dalle_decoder, random_vqgan
@@ -120,8 +121,10 @@ def clipguide_step(preset: str, decoder, clip, size: int, cutn: int, precision: 
     return build_step(cfg, decoder, clip)
 
 
-def build(name: str, size: int, cutn: int, models: dict):
-    """The step closure of loop ``name`` ('notebook-dvae', 'clipguide-dvae-bf16', ...)."""
+def build(name: str, size: int, cutn: int, models: dict, alone: bool = False):
+    """The step closure of loop ``name`` ('notebook-dvae', 'clipguide-dvae-bf16', ...).  ``alone``:
+    the only loop of this process, so its models are held as ``load_models`` holds them for a
+    run (a bf16 run keeps no fp32 image tower or decoder)."""
     kind = "vqgan" if "vqgan" in name else "dvae"
     if kind not in models:
         models[kind] = random_vqgan(VQGAN_F16_16384) if kind == "vqgan" else random_dalle_decoder()
@@ -132,12 +135,15 @@ def build(name: str, size: int, cutn: int, models: dict):
         return fn(models[kind], models["notebook-clip"], size, cutn)
     if "clip" not in models:
         models["clip"] = random_clip("ViT-B-32-quickgelu")
-    preset = "vqgan-zquantize" if kind == "vqgan" else "dvae-codebook"
-    return clipguide_step(preset, models[kind], models["clip"], size, cutn, name.rsplit("-", 1)[1])
+    preset, precision = "vqgan-zquantize" if kind == "vqgan" else "dvae-codebook", name.rsplit("-", 1)[1]
+    if alone:
+        dtype = DTYPES[precision]
+        models[kind], models["clip"] = models[kind].cast(dtype), models["clip"].cast(dtype, in_place=True)
+    return clipguide_step(preset, models[kind], models["clip"], size, cutn, precision)
 
 
 def probe_rss_mib(name: str, args) -> float:
-    """Peak RSS of a fresh process that builds loop ``name`` and runs one step."""
+    """Peak RSS of a fresh process that builds loop ``name`` (models held as for a real run) and runs one step."""
     cmd = [sys.executable, __file__, "--rss-probe", name, "--threads", str(args.threads), "--size", str(args.size),
            "--cutn", str(args.cutn)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -157,7 +163,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.rss_probe:
-        build(args.rss_probe, args.size, args.cutn, {})()
+        build(args.rss_probe, args.size, args.cutn, {}, alone=True)()
         print(peak_rss_mib())
         return
     print(f"{args.size}px, ViT-B/32 x {args.cutn} cutouts, random weights; torch {torch.__version__}, "

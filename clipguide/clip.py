@@ -114,19 +114,21 @@ class Clip:
     def dtype(self) -> torch.dtype:
         return next(self.visual.parameters()).dtype
 
-    def cast(self, dtype: torch.dtype) -> "Clip":
+    def cast(self, dtype: torch.dtype, in_place: bool = False) -> "Clip":
         """This CLIP with its image tower computing in ``dtype`` (inputs are cast in, embeddings come
-        out fp32; text embeddings are shared): the ``--precision bf16`` fast path.  Built once."""
+        out fp32; the text tower and its embeddings stay as they are): the ``--precision bf16`` fast
+        path.  A copy, built once; ``in_place`` swaps the tower instead, freeing the old one."""
         if dtype == self.dtype:
+            return self
+        if in_place:
+            self.visual = self.model.visual = fast_visual(cast_copy(self.visual, dtype))
+            self._casts.clear()
             return self
         if dtype not in self._casts:
             fast = copy.copy(self)
             fast.visual, fast._casts = fast_visual(cast_copy(self.visual, dtype)), {}
             self._casts[dtype] = fast
         return self._casts[dtype]
-
-    def __repr__(self) -> str:
-        return f"Clip({self.name!r}, image_size={self.image_size}, embed_dim={self.embed_dim}, device={self.device})"
 
 
 class PatchEmbedding(torch.nn.Module):

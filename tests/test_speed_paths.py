@@ -99,3 +99,17 @@ def test_bf16_runs_are_reproducible_and_follow_fp32(shapes_models):
     assert torch.equal(bf16.images, again.images)
     assert torch.allclose(fp32.losses[0], bf16.losses[0], rtol=0.02)  # same start, bf16 rounding only
     assert (fp32.images - bf16.images).abs().mean() < 0.05
+
+
+def test_bf16_models_are_loaded_lean_and_apart_from_fp32():
+    from clipguide.generation import load_models
+
+    cfg = get_preset("shapes").replace(prompts=("a red circle on a blue background",), precision="bf16")
+    decoder, clip = load_models(cfg)
+    assert clip.model.visual is clip.visual and {p.dtype for p in clip.visual.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in clip.model.transformer.parameters()} == {torch.float32}  # text tower stays fp32
+    assert decoder.dtype == torch.bfloat16 and decoder.encoder is not None  # init images still encode
+    plain_decoder, plain_clip = load_models(cfg.replace(precision="fp32"))
+    assert plain_clip.dtype == torch.float32 and plain_decoder.dtype == torch.float32
+    x = torch.rand(2, 3, 64, 64)
+    assert F.cosine_similarity(clip.encode_image(x), plain_clip.encode_image(x)).min() > 0.99

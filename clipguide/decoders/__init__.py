@@ -128,7 +128,7 @@ class DalleDecoder:
         dall_e's convolutions cast their input to fp32 on CPU, so they become torch convolutions."""
         if dtype == self.dtype:
             return self
-        return dataclasses.replace(self, module=cast_dalle_convs(self.module, dtype), encoder=None)
+        return dataclasses.replace(self, module=cast_dalle_convs(self.module, dtype))  # the encoder (init images) stays
 
     def to(self, device) -> "DalleDecoder":
         self.module.to(device)
