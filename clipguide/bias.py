@@ -113,7 +113,7 @@ class BiasAudit:
         ax.invert_yaxis()
         ax.set(xlim=(0, 1), xlabel=f"proportion of images (Wilson 95% interval), CLIP {self.clip}")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-        return save_figure(fig, path)
+        return save_figure(fig, path, {"figure": "bias audit", **json.loads(self.to_json())})
 
 
 def tally(labels_by_prompt: dict, attribute: Sequence[str], z: float = 1.96) -> list[dict]:

@@ -342,10 +342,16 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path) -> Path:
+def save_figure(fig, path, provenance: dict | None = None) -> Path:
+    """Save a matplotlib figure; a PNG carries a ``clipguide`` text chunk (the figure's data, the
+    clipguide/torch versions and the command line), as every other clipguide output does."""
+    from .snapshots import environment
+
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # keeps a legend placed outside the axes
+    record = json.dumps({**(provenance or {}), "environment": environment()}, sort_keys=True, default=str)
+    metadata = {"clipguide": record} if path.suffix.lower() == ".png" else None
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata=metadata)  # bbox: keeps a legend outside the axes
     pyplot().close(fig)
     return path
 

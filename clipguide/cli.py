@@ -22,6 +22,7 @@ from .config import RunConfig, field_types
 from .errors import ClipguideError, ConfigError, NonFiniteError, one_line
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+MAX_SCENES = 10_000  # calibrate-filter renders this many scenes per class at most (memory)
 
 
 class Parser(argparse.ArgumentParser):
@@ -456,6 +457,8 @@ def cmd_calibrate_filter(args) -> int:
     if (args.positives is None) != (args.negatives is None):
         raise ConfigError("give both --positives and --negatives, or neither (then shapes-world scenes are rendered)")
     if args.positives is None:
+        if not 2 <= args.n <= MAX_SCENES:
+            raise ConfigError(f"--n {args.n}: give between 2 and {MAX_SCENES} shapes scenes per class")
         held_out = shapes_sets(args.concept, args.n, args.seed + 1000)
         cal = calibrate(args.clip, args.concept, *shapes_sets(args.concept, args.n, args.seed), args.target_fpr,
                         held_out=held_out, device=args.device)

@@ -220,7 +220,9 @@ class Calibration:
         ax2.plot([r[2] for r in roc], [r[1] for r in roc])
         ax2.plot([self.fpr], [self.tpr], "ko")
         ax2.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.02))
-        return save_figure(fig, path)
+        record = {"figure": "filter calibration", "concept": self.concept, "clip": self.clip,
+                  "threshold": self.threshold, "tpr": self.tpr, "fpr": self.fpr}
+        return save_figure(fig, path, record)
 
 
 def rates(positives, negatives, threshold: float) -> tuple[float, float]:

@@ -6,6 +6,9 @@ import io
 import json
 
 import pytest
+
+import clipguide
+from clipguide.snapshots import read_png_text
 import torch
 
 from clipguide import audit_bias
@@ -87,7 +90,8 @@ def test_audit_bias_generates_in_batches_and_writes_its_files(tmp_path, monkeypa
     assert len(rows) == 6 and {r["value"] for r in rows} == {"a red shape", "a green shape"}
     data = json.loads((out / "bias.json").read_text())
     assert data["generation"]["steps"] == 2 and data["interval"] == "Wilson score" and "Bolukbasi" in data["occupations_source"]
-    assert (out / "bias.png").stat().st_size > 0
+    figure = read_png_text(out / "bias.png")["clipguide"]  # the chart carries its provenance and data
+    assert figure["rows"] == audit.rows and figure["environment"]["clipguide"] == clipguide.__version__
 
 
 def test_cli_audit_end_to_end(tmp_path, capsys):

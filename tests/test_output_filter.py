@@ -117,6 +117,10 @@ def test_calibrate_cli_writes_a_usable_concept_file(shapes_models, tmp_path, cap
     concepts, model = OF.parse_concepts(str(out))
     assert model == "shapes" and list(concepts) == ["red"]
     assert OutputFilter(shapes_models[1], str(out)).concepts == concepts
+    figure = read_png_text(plot)["clipguide"]
+    assert figure["concept"] == "red" and figure["threshold"] == pytest.approx(concepts["red"], abs=1e-4)
+    assert main(["calibrate-filter", "--concept", "red", "--n", "10000000"]) == 2
+    assert "--n 10000000" in capsys.readouterr().err
 
 
 def test_generate_cli_filters_and_keeps_flagged(tiny_model_files, tmp_path, capsys):
