@@ -64,6 +64,15 @@ def notebook_cutouts(x, cutn: int, cut_size: int, g):
     return clamp_with_grad(torch.cat(cuts), 0, 1)
 
 
+def notebook_update(img, clip, target, opt, cutn: int, g) -> None:
+    """The shared tail of both notebook loops: cutouts, CLIP, spherical loss, one optimiser step."""
+    emb = clip.encode_image(notebook_cutouts(img, cutn, clip.image_size, g))
+    loss = spherical_distance(F.normalize(emb, dim=-1)[:, None], F.normalize(target, dim=-1)[None]).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def notebook_dvae_step(decoder, clip, size: int, cutn: int):
     """One closure = one iteration of Crowson's OpenAI dVAE+CLIP loop (methods.md §2)."""
     g = torch.Generator().manual_seed(0)
@@ -82,11 +91,7 @@ def notebook_dvae_step(decoder, clip, size: int, cutn: int):
         out = module(z.contiguous()).float()
         loc = out[:, :3] + out[:, 3:6].exp() * laplace_noise(out[:, :3].shape[1:], g, "cpu")
         img = clamp_with_grad((torch.sigmoid(loc) - 0.1) / 0.8, 0, 1)
-        emb = clip.encode_image(notebook_cutouts(img, cutn, clip.image_size, g))
-        loss = spherical_distance(F.normalize(emb, dim=-1)[:, None], F.normalize(target, dim=-1)[None]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        notebook_update(img, clip, target, opt, cutn, g)
 
     return step
 
@@ -104,11 +109,7 @@ def notebook_vqgan_step(decoder, clip, size: int, cutn: int):
     def step():
         z_q = vector_quantize(z, book)
         img = clamp_with_grad((decoder.decoder(decoder.post_quant_conv(z_q)) + 1) / 2, 0, 1)
-        emb = clip.encode_image(notebook_cutouts(img, cutn, clip.image_size, g))
-        loss = spherical_distance(F.normalize(emb, dim=-1)[:, None], F.normalize(target, dim=-1)[None]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        notebook_update(img, clip, target, opt, cutn, g)
         with torch.no_grad():
             z.copy_(z.maximum(z_min).minimum(z_max))
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors import SafetensorError
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import safeload, weights
 from .errors import ConfigError, WeightsError
@@ -164,8 +165,6 @@ def _attention_backend(device: torch.device):
     its backward is much faster than the flash kernel's."""
     if device.type != "cpu":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel(SDPBackend.MATH)
 
 
