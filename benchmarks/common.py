@@ -18,9 +18,8 @@ def build_step(cfg, decoder, clip):
     opt = make_optimiser(cfg, [latent.param])
 
     def once(k: int = 0):
-        loss, _ = step.forward(gens, k)
         opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        step.forward(gens, k, backward=True)
         opt.step()
         latent.end_step()
 

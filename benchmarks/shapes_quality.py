@@ -36,6 +36,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated presets")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts to use (of 84)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many prompts of the split first")
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
@@ -45,7 +46,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tune, held = prompt_split()
-    pairs = (held if args.split == "heldout" else tune)[: args.prompts]
+    pairs = (held if args.split == "heldout" else tune)[args.offset : args.offset + args.prompts]
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     rows = []
     print(f"{len(pairs)} {args.split} prompts x {args.seeds} seeds, {args.steps} steps, {torch.get_num_threads()} threads")

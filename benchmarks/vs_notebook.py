@@ -116,13 +116,14 @@ def notebook_vqgan_step(decoder, clip, size: int, cutn: int):
     return step
 
 
-def clipguide_step(preset: str, decoder, clip, size: int, cutn: int, precision: str):
+def clipguide_step(preset: str, decoder, clip, size: int, cutn: int, precision: str, cut_batch: int = 0):
     """One iteration of clipguide's loop for ``preset`` (the same code path as optimise())."""
-    cfg = get_preset(preset).replace(prompts=(PROMPT,), size=size, cutn=cutn, batch=1, precision=precision)
+    cfg = get_preset(preset).replace(prompts=(PROMPT,), size=size, cutn=cutn, batch=1, precision=precision,
+                                     cut_batch=cut_batch)
     return build_step(cfg, decoder, clip)
 
 
-def build(name: str, size: int, cutn: int, models: dict, alone: bool = False):
+def build(name: str, size: int, cutn: int, models: dict, alone: bool = False, cut_batch: int = 0):
     """The step closure of loop ``name`` ('notebook-dvae', 'clipguide-dvae-bf16', ...).  ``alone``:
     the only loop of this process, so its models are held as ``load_models`` holds them for a
     run (a bf16 run keeps no fp32 image tower or decoder)."""
@@ -140,13 +141,13 @@ def build(name: str, size: int, cutn: int, models: dict, alone: bool = False):
     if alone:
         dtype = DTYPES[precision]
         models[kind], models["clip"] = models[kind].cast(dtype), models["clip"].cast(dtype, in_place=True)
-    return clipguide_step(preset, models[kind], models["clip"], size, cutn, precision)
+    return clipguide_step(preset, models[kind], models["clip"], size, cutn, precision, cut_batch)
 
 
 def probe_rss_mib(name: str, args) -> float:
     """Peak RSS of a fresh process that builds loop ``name`` (models held as for a real run) and runs one step."""
     cmd = [sys.executable, __file__, "--rss-probe", name, "--threads", str(args.threads), "--size", str(args.size),
-           "--cutn", str(args.cutn)]
+           "--cutn", str(args.cutn), "--cut-batch", str(args.cut_batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.split()[-1])
 
@@ -157,6 +158,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up step of each loop)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--cutn", type=int, default=32)
+    p.add_argument("--cut-batch", type=int, default=0, help="clipguide's cutouts per CLIP pass in the backward (0 = all)")
     p.add_argument("--precisions", default="fp32,bf16", help="clipguide variants to time")
     p.add_argument("--decoders", default="dvae,vqgan", help="dvae (methods.md §2) and/or vqgan (§4, f16-16384)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-loop peak-RSS subprocesses")
@@ -164,10 +166,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.rss_probe:
-        build(args.rss_probe, args.size, args.cutn, {}, alone=True)()
+        build(args.rss_probe, args.size, args.cutn, {}, alone=True, cut_batch=args.cut_batch)()
         print(peak_rss_mib())
         return
-    print(f"{args.size}px, ViT-B/32 x {args.cutn} cutouts, random weights; torch {torch.__version__}, "
+    print(f"{args.size}px, ViT-B/32 x {args.cutn} cutouts (clipguide: {args.cut_batch or args.cutn} per CLIP pass), random weights; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), best of {args.steps} alternating rounds")
     for kind in args.decoders.split(","):
         names = [f"notebook-{kind}"] + [f"clipguide-{kind}-{p}" for p in args.precisions.split(",")]
@@ -177,7 +179,7 @@ def main(argv=None):
 def compare(names: list[str], args) -> None:
     models, steps, gflop = {}, {}, {}
     for name in names:
-        steps[name] = build(name, args.size, args.cutn, models)
+        steps[name] = build(name, args.size, args.cutn, models, cut_batch=args.cut_batch)
         with FlopCounterMode(display=False) as counter:
             steps[name]()  # also the warm-up
         gflop[name] = counter.get_total_flops() / 1e9

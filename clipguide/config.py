@@ -58,6 +58,8 @@ class RunConfig:
     init: str = _f("randn", "initial logits", INITS)
     init_codes: tuple[int, ...] = _f((), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
     init_scale: float = _f(1.0, "std of init=randn; value of the chosen code for one-hot inits")
+    pyramid: tuple[int, ...] = _f((), "coarse logit grids added to the token logits, by downsampling factor, e.g. 2,4: "
+                                  "a region's tokens then change together (categorical and softmax latents)")
     init_image: str = _f("", "start from this image (path or URL): the decoder's encoding of it replaces --init (Crowson)")
     init_weight: float = _f(0.0, "pull toward the initial latent: init_weight/2 · MSE(latent, initial latent) (Crowson)")
     temperature: float = _f(1.0, "inverse temperature multiplying the logits ('hadies')")
@@ -72,6 +74,7 @@ class RunConfig:
     ema: float = _f(0.0, "snapshots decode an exponential moving average of the latent with this decay (0 = off)")
     # cutouts (what CLIP sees each step)
     cutn: int = _f(32, "cutouts per run and step")
+    cut_batch: int = _f(0, "cutouts per CLIP pass in the backward (0 = all at once): fewer hold less memory for the same arithmetic")
     cut: str = _f("crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
     cut_pow: float = _f(1.0, "Crowson's size exponent (1 = uniform sizes)")
     cut_range: tuple[float, ...] = _f((), "size law parameters as fractions of the side (uniform: lo,hi; normal: mean,std,lo,hi)")
@@ -95,6 +98,7 @@ class RunConfig:
         self.prompts = tuple(self.prompts)
         self.snapshots = tuple(sorted(set(int(s) for s in self.snapshots)))
         self.init_codes = tuple(int(c) for c in self.init_codes)
+        self.pyramid = tuple(int(k) for k in self.pyramid)
         self.cut_range = tuple(float(c) for c in self.cut_range)
         self.validate()
 
@@ -113,6 +117,10 @@ class RunConfig:
                               f"got seed {self.seed}, batch {self.batch}")
         if self.cutn < 1:
             raise ConfigError(f"--cutn must be at least 1, got {self.cutn}")
+        if any(k < 2 for k in self.pyramid) or len(set(self.pyramid)) != len(self.pyramid):
+            raise ConfigError(f"--pyramid takes distinct downsampling factors of 2 or more (e.g. 2,4), got {list(self.pyramid)}")
+        if self.cut_batch < 0:
+            raise ConfigError(f"--cut-batch must be 0 (all cutouts at once) or a positive count, got {self.cut_batch}")
         if self.size < 8:
             raise ConfigError(f"--size must be at least 8 pixels, got {self.size}")
         if self.lr <= 0:

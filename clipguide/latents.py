@@ -112,15 +112,45 @@ class Latent(torch.nn.Module):
 
 
 class Categorical(Latent):
+    """Per-position logits [B, h·w, V] as in the notebook, optionally plus coarse grids (``cfg.pyramid``).
+
+    A factor k adds a ceil(h/k) x ceil(w/k) grid of logits, upsampled (nearest, cropped to h x w)
+    onto the tokens and stored after the fine ones in the same parameter: the gradient of a coarse
+    logit is the sum over its k x k tokens, so whole regions change code together, and the image
+    is made of large flat areas instead of a mosaic (the multi-scale image parametrisation of
+    Mordvintsev et al. 2018, "Differentiable Image Parameterizations", applied to token logits).
+    """
+
+    def __init__(self, cfg, vocab, grid, generators, bias=None, decoder=None):
+        self.factors = tuple(cfg.pyramid)
+        super().__init__(cfg, vocab, grid, generators, bias, decoder)
+
+    def coarse_grids(self) -> list[tuple[int, int]]:
+        h, w = self.grid
+        return [(-(-h // k), -(-w // k)) for k in self.factors]
+
     def to_param(self, logits):
-        return logits.flatten(2).transpose(1, 2).contiguous()  # [B, h·w, V] as in the notebook
+        b, v = logits.shape[:2]
+        coarse = [logits.new_zeros(b, ch * cw, v) for ch, cw in self.coarse_grids()]
+        return torch.cat([logits.flatten(2).transpose(1, 2)] + coarse, 1).contiguous()
+
+    def combined(self) -> torch.Tensor:
+        """The token logits [B, h·w, V]: the fine ones plus every upsampled coarse grid."""
+        (h, w), b, v = self.grid, self.param.shape[0], self.vocab
+        sizes = self.coarse_grids()
+        parts = self.param.split([h * w] + [ch * cw for ch, cw in sizes], 1)
+        out = parts[0]
+        for k, (ch, cw), part in zip(self.factors, sizes, parts[1:]):
+            up = part.view(b, ch, 1, cw, 1, v).expand(b, ch, k, cw, k, v).reshape(b, ch * k, cw * k, v)
+            out = out + up[:, :h, :w].reshape(b, h * w, v)
+        return out
 
     def logits(self):
         b, (h, w) = self.param.shape[0], self.grid
-        return (self.param + self.bias).transpose(1, 2).reshape(b, self.vocab, h, w)
+        return (self.combined() + self.bias).transpose(1, 2).reshape(b, self.vocab, h, w)
 
     def probs(self) -> torch.Tensor:
-        return (self.beta * (self.param + self.bias)).softmax(-1)  # [B, h·w, V]
+        return (self.beta * (self.combined() + self.bias)).softmax(-1)  # [B, h·w, V]
 
     def relax(self, generators):
         probs = self.probs()
@@ -286,6 +316,9 @@ def draw_codes(cfg: RunConfig, vocab: int, n: int, generator: torch.Generator, h
 
 def make_latent(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias=None, *, decoder=None) -> Latent:
     """The latent of ``cfg.latent``; ``decoder`` is needed by those living in its latent space (zquantize)."""
+    if cfg.pyramid and not issubclass(LATENT_CLASSES[cfg.latent], Categorical):
+        raise ConfigError(f"--pyramid adds coarse grids to per-position logits: use it with --latent categorical or softmax, "
+                          f"not {cfg.latent}")
     if cfg.latent.startswith("parity") and vocab % 2:
         raise ConfigError(f"--latent {cfg.latent} splits codes by parity and needs an even vocabulary, got {vocab}")
     return LATENT_CLASSES[cfg.latent](cfg, vocab, grid, generators, bias, decoder=decoder)

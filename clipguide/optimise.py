@@ -132,22 +132,50 @@ class Step:
         n = torch.stack([laplace_noise(shape, g, self.cfg.device) for g in gens])
         return self.cfg.noise_scale * n
 
-    def forward(self, gens, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-run (loss [B], similarity [B]) at the current latent, drawing from ``gens``."""
+    def forward(self, gens, step: int = 0, backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-run (loss [B], similarity [B]) at the current latent, drawing from ``gens``; with
+        ``backward`` the loss's gradient is also accumulated into the latent (:meth:`backward`)."""
         cfg = self.cfg
         embeds, weights, stops = self.targets.at(step)
         codes = self.latent.relax(gens)
-        side = cfg.size
-        img = self.pixels(codes, self.noise(gens, (3, side, side)))
+        img = self.pixels(codes, self.noise(gens, (3, cfg.size, cfg.size)))
         cuts = make_cutouts(img, cfg, self.clip.image_size, gens)
-        emb = self.clip.encode_image(cuts).view(len(gens), cfg.cutn, -1)
-        loss = cfg.loss_scale * self.loss_fn(emb, embeds, weights, stops)
-        if cfg.tv_weight:
-            loss = loss + cfg.tv_weight / 4 * tv_loss(img)
+        extra = self.regularisers(img)
+        if backward:
+            loss, emb = self.backward(cuts, (embeds, weights, stops), extra)
+        else:
+            emb = self.clip.encode_image(cuts).view(len(gens), cfg.cutn, -1)
+            loss = cfg.loss_scale * self.loss_fn(emb, embeds, weights, stops)
+        return sum((t.detach() if backward else t for t in extra), loss), prompt_similarity(emb.detach(), embeds, weights)
+
+    def backward(self, cuts, targets, extra) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back-propagate the prompt loss of ``cuts`` [B·cutn, ...] and the ``extra`` terms into the
+        latent; returns (prompt loss [B], cutout embeddings [B, cutn, D]), both detached.
+
+        CLIP runs ``cfg.cut_batch`` cutouts at a time: the loss is a mean over cutouts, so the
+        chunks' losses and gradients add up to the whole's while only one chunk's activations are
+        alive; the decoder's backward then runs once with the summed gradient."""
+        cfg, b = self.cfg, len(self.seeds)
+        loss, emb, grad = 0, [], []
+        for part in cuts.view(b, cfg.cutn, *cuts.shape[1:]).split(cfg.cut_batch or cfg.cutn, dim=1):
+            leaf = part.detach().requires_grad_()
+            e = self.clip.encode_image(leaf.flatten(0, 1)).view(b, part.shape[1], -1)
+            part_loss = cfg.loss_scale * self.loss_fn(e, *targets) * (part.shape[1] / cfg.cutn)
+            part_loss.sum().backward()  # runs are independent: each gets its own gradient
+            loss, grad = loss + part_loss.detach(), grad + [leaf.grad]
+            emb.append(e.detach())
+        roots, grads = [cuts], [torch.cat(grad, 1).view_as(cuts)]
+        if extra:
+            roots.append(sum(t.sum() for t in extra))
+            grads.append(None)
+        torch.autograd.backward(roots, grads)  # through the cutouts and the decoder, once
+        return loss, torch.cat(emb, 1)
+
+    def regularisers(self, img) -> list[torch.Tensor]:
+        """Per-run terms [B] added to the prompt loss: total variation and the latent's penalty."""
+        terms = [self.cfg.tv_weight / 4 * tv_loss(img)] if self.cfg.tv_weight else []
         penalty = self.latent.penalty()
-        if penalty is not None:
-            loss = loss + penalty
-        return loss, prompt_similarity(emb.detach(), embeds, weights)
+        return terms if penalty is None else terms + [penalty]
 
     @torch.no_grad()
     def display(self, step: int) -> torch.Tensor:
@@ -201,8 +229,9 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
         for k in range(start, cfg.steps + 1):
             last = k == cfg.steps
             check_finite(latent.param, "latent", k, runs)
+            opt.zero_grad(set_to_none=True)
             with torch.no_grad() if last else contextlib.nullcontext():
-                loss, sim = step_fn.forward(gens, k)
+                loss, sim = step_fn.forward(gens, k, backward=not last)
             check_finite(loss, "loss", k, runs)
             losses.append(loss.detach().cpu())
             sims.append(sim.cpu())
@@ -217,8 +246,6 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, k)
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()  # runs are independent: each gets its own gradient
             with deferred_interrupt():  # a half-applied update could not be resumed
                 opt.step()
                 latent.end_step()

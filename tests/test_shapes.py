@@ -229,3 +229,23 @@ def test_train_smoke(tmp_path):
 
     assert T.main(["--out", str(tmp_path), "--only", "dvae", "--steps", "3"]) == 0
     assert (tmp_path / "shapes-dvae.safetensors").exists() and (tmp_path / "MODEL_CARD.md").exists()
+
+
+def test_clipgen_stage_trains_the_clip_against_the_generation_loop(tmp_path):
+    """The experimental clipgen stage runs the default preset guided by the CLIP it trains and
+    rewrites the CLIP with its record (2 steps on copies of the shipped models)."""
+    import json
+    import shutil
+
+    from clipguide.decoders import PACKAGE_DIR
+    from clipguide.shapes import train as T
+
+    for name in ("shapes-clip.json", "shapes-clip.safetensors", "shapes-dvae.json", "shapes-dvae.safetensors"):
+        shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
+    before = (tmp_path / "shapes-clip.safetensors").read_bytes()
+    assert T.main(["--out", str(tmp_path), "--only", "clipgen", "--steps", "2"]) == 0
+    meta = json.loads((tmp_path / "shapes-clip.json").read_text())
+    assert meta["finetune_generation"]["steps"] == 2 and meta["finetune_generation"]["rounds_of"] == 2
+    assert meta["metrics"]["before_generation_finetune"] is not None
+    assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
+    assert "stage 3 (clipgen" in (tmp_path / "MODEL_CARD.md").read_text()

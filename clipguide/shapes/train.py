@@ -14,6 +14,7 @@ The models are built directly with open_clip / dall_e / taming.modules (never ta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -27,11 +28,12 @@ from . import scenes as S
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 KINDS = ("clip", "dvae", "vqgan")
-STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft")  # clipft: CLIP fine-tune against dVAE-decoded adversarial images
+SHIPPED_STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft")  # clipft: CLIP fine-tune against dVAE-decoded adversarial images
+STAGES = SHIPPED_STAGES + ("clipgen",)  # clipgen: experimental CLIP fine-tune against the generation loop (not shipped)
 
 # Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
-STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0}
-DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0}
+STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0, "clipgen": 27.0}
+DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0, "clipgen": 15.0}
 
 ROBUSTNESS_STEPS = 150  # pixel-space robustness check length (module constant so smoke tests can shorten it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -191,6 +193,34 @@ def _soft_contrastive_step(model, opt, x, text, scenes, tmpl, n_real: int):
     loss = 0.5 * (li + lt)
     _descend(opt, loss, model.parameters())
     return loss
+
+@functools.lru_cache(maxsize=1)
+def _caption_tokens() -> tuple:
+    """Every caption of the world (all templates) and the neutral ones: (caption -> row, tokens)."""
+    caps = sorted({S.TEMPLATES[k].format(colour=c, shape=s_, background=b)
+                   for c in S.COLOUR_NAMES for s_ in S.SHAPES for b in S.BACKGROUNDS
+                   for k in range(len(S.TEMPLATES)) if b != c} | set(S.NEUTRAL_CAPTIONS))
+    return {c: i for i, c in enumerate(caps)}, clip_tokenizer(CLIP_CONTEXT)(caps)
+
+
+def _step_with_negatives(model, opt, extra_negatives, batch: int, n_neg: int, rng, gen):
+    """One soft-contrastive step on ``batch`` fresh scenes, ``n_neg`` rendered distractors and
+    ``extra_negatives`` (images captioned with the neutral captions)."""
+    import torch
+
+    cap_index, cap_tokens = _caption_tokens()
+    neutral_tokens = cap_tokens[[cap_index[c] for c in S.NEUTRAL_CAPTIONS]]
+    scenes = S.sample_scenes(batch, rng=rng)
+    tmpl = rng.integers(len(S.TEMPLATES), size=batch)
+    caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)]
+    real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
+    negs = torch.from_numpy(S.render_distractors(n_neg, rng, 128)).permute(0, 3, 1, 2).float() / 255
+    imgs = [real, _augment(negs, gen)]
+    if len(extra_negatives):
+        imgs.append(_augment(extra_negatives, gen, noise=0.02))
+    text = torch.cat([cap_tokens[[cap_index[c_] for c_ in caps]], neutral_tokens])
+    return _soft_contrastive_step(model, opt, torch.cat(imgs), text, scenes, tmpl, real.shape[0])
+
 
 def clip_zero_shot(model, n: int = 200, seed: int = 12345, size: int = 128, batch: int = 100) -> dict:
     """Zero-shot accuracy per attribute on fresh scenes over all 168 canonical prompts (+ neutral-caption rate)."""
@@ -426,15 +456,9 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
     for p in dec.parameters():
         p.requires_grad_(False)
     V = dec.vocab_size
-    tok = clip_tokenizer(CLIP_CONTEXT)
     prompts = S.canonical_prompts()
-    all_caps = sorted({S.TEMPLATES[k].format(colour=c, shape=s_, background=b)
-                       for c in S.COLOUR_NAMES for s_ in S.SHAPES for b in S.BACKGROUNDS
-                       for k in range(len(S.TEMPLATES)) if b != c} | set(S.NEUTRAL_CAPTIONS))
-    cap_index = {c: i for i, c in enumerate(all_caps)}
-    cap_tokens = tok(all_caps)
+    cap_index, cap_tokens = _caption_tokens()
     canon_tokens = cap_tokens[[cap_index[p] for p, _ in prompts]]
-    neutral_tokens = cap_tokens[[cap_index[c] for c in S.NEUTRAL_CAPTIONS]]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
     pool = torch.randn((n_adv, V, tokens, tokens), generator=gen)
     pool_t = torch.randint(0, len(prompts), (n_adv,), generator=gen)
@@ -469,18 +493,7 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
             age[i] = 0
         # --- contrastive step
         model.train()
-        scenes = S.sample_scenes(batch, rng=rng)
-        tmpl = rng.integers(len(S.TEMPLATES), size=batch)
-        caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)]
-        real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
-        negs = torch.from_numpy(S.render_distractors(n_neg, rng, 128)).permute(0, 3, 1, 2).float() / 255
-        imgs = [real, _augment(negs, gen)]
-        if keep:
-            imgs.append(_augment(adv[keep], gen, noise=0.02))
-        x = torch.cat(imgs)
-        n_real = real.shape[0]
-        text = torch.cat([cap_tokens[[cap_index[c_] for c_ in caps]], neutral_tokens])
-        loss = _soft_contrastive_step(model, opt, x, text, scenes, tmpl, n_real)
+        loss = _step_with_negatives(model, opt, adv[keep], batch, n_neg, rng, gen)
         hist.append(loss.item())
         if (step + 1) % log_every == 0 or step == steps - 1:
             _log(f"clip-ft step {step + 1}/{steps} loss {np.mean(hist[-log_every:]):.4f} dropped {dropped} "
@@ -499,6 +512,76 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
                                          "pool": n_adv, "tokens": tokens, "lr": lr, "recycle": recycle,
                                          "dropped_as_genuine": dropped, "seed": seed, "seconds": round(train_s, 1),
                                          "trained_by": _COMMAND[0]}
+    _save(out_dir, "shapes-clip", sd, meta)
+    return meta
+
+
+def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, batch: int = 64, n_neg: int = 16,
+                             pool: int = 8, rounds_of: int = 80, lr: float = 1e-4, guide_pyramid: tuple = (2, 4),
+                             log_every: int = 20) -> dict:
+    """Experimental stage 3 of the CLIP (not in the shipped run): fine-tune against the images of
+    clipguide's own generation loop.
+
+    ``pool`` runs of the default preset with ``guide_pyramid`` (random canonical prompts, the shipped
+    dVAE, THIS CLIP as the guide) are optimised by :func:`clipguide.optimise` in rounds of ``rounds_of`` steps; at every
+    generation step the CLIP takes one soft-contrastive training step in which the runs' current
+    images are negatives (neutral captions) unless the judge says they show their prompt.  The
+    guide and the model being trained are the same object, so the attack follows the training.
+    Needs shapes-clip.* and shapes-dvae.* in ``out_dir``; rewrites shapes-clip.*.
+    """
+    import torch
+
+    from ..clip import load_clip
+    from ..decoders import load_decoder
+    from ..optimise import optimise
+    from ..presets import get_preset
+
+    torch.manual_seed(seed + 5)
+    gen = torch.Generator().manual_seed(seed + 5)
+    rng = np.random.default_rng(seed + 5)
+    clip = load_clip(str(Path(out_dir) / "shapes-clip.json"))
+    model, meta = clip.model, json.loads((Path(out_dir) / "shapes-clip.json").read_text())
+    decoder = load_decoder(str(Path(out_dir) / "shapes-dvae.json"))
+    prompts = S.canonical_prompts()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    t0, hist, counts = time.time(), [], {"dropped": 0, "step": 0}
+
+    def train_on(state):
+        k = counts["step"]
+        if state.step == 0 or k >= steps:
+            return
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(k, steps, lr, warmup=10)
+        images, targets = state.image(), [prompts[i][1] for i in chosen]
+        keep = [i for i, t in enumerate(targets) if not J.judge(images[i]).all_match(*t)]
+        counts["dropped"] += len(targets) - len(keep)
+        model.requires_grad_(True).train()
+        hist.append(_step_with_negatives(model, opt, images[keep], batch, n_neg, rng, gen).item())
+        model.requires_grad_(False).eval()
+        clip._text_cache.clear()  # the text tower moved
+        counts["step"] = k + 1
+        if counts["step"] % log_every == 0 or counts["step"] == steps:
+            _log(f"clip-gen step {counts['step']}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
+                 f"guide sim {float(state.similarity.mean()):.3f} dropped {counts['dropped']} "
+                 f"{(time.time() - t0) / counts['step']:.3f}s/step")
+
+    rounds_of = min(rounds_of, steps)
+    base = get_preset("shapes").replace(steps=rounds_of, pyramid=guide_pyramid)
+    for r in range(math.ceil(steps / rounds_of)):
+        chosen = rng.choice(len(prompts), size=pool, replace=False).tolist()
+        cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(seed * 1000 + r * pool))
+        optimise(cfg, decoder, clip, train_on)
+    train_s = time.time() - t0
+    model.eval()
+    zs = clip_zero_shot(model, n=300)
+    _log(f"clip-gen zero-shot {zs}")
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    meta["metrics"] = dict(meta.get("metrics", {}), zero_shot_300=zs,
+                           before_generation_finetune=meta.get("metrics", {}).get("zero_shot_300"))
+    meta["finetune_generation"] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool,
+                                   "rounds_of": rounds_of, "lr": lr, "dropped_as_genuine": counts["dropped"],
+                                   "guide": f"the 'shapes' preset with pyramid {list(guide_pyramid)}", "seed": seed,
+                                   "seconds": round(train_s, 1), "trained_by": _COMMAND[0]}
     _save(out_dir, "shapes-clip", sd, meta)
     return meta
 
@@ -892,6 +975,15 @@ def write_model_card(out_dir: Path) -> Path:
                         f"judge found the prompt genuinely drawn); {ft['seconds'] / 60:.1f} min on 1 thread.",
                         f"- before stage 2: zero-shot {json.dumps(st1.get('zero_shot_300'))}; pixel robustness "
                         f"{json.dumps(st1.get('pixel_robustness'))}"]
+        if "finetune_generation" in m:
+            ft = m["finetune_generation"]
+            L[-1:-1] = [f"- stage 3 (clipgen, the zero-shot numbers above are after it; the pixel robustness line is "
+                        f"from stage 2): {ft['steps']} steps, lr {ft['lr']}, {ft['batch_real']} scenes + "
+                        f"{ft['batch_distractors']} distractors + the current images of {ft['pool']} runs of "
+                        f"{ft['guide']} guided by this CLIP itself (rounds of {ft['rounds_of']} steps, new prompts and "
+                        f"seeds each round), fed back as negatives ({ft['dropped_as_genuine']} dropped because the "
+                        f"judge found the prompt drawn); {ft['seconds'] / 60:.1f} min on 1 thread.",
+                        f"- before stage 3: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
     for k, title in (("dvae", "shapes-dvae (dall_e Encoder/Decoder)"), ("vqgan", "shapes-vqgan (taming modules)")):
         if k not in metas:
             continue
@@ -923,7 +1015,7 @@ def write_model_card(out_dir: Path) -> Path:
     return p
 
 
-def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=STAGES, minutes: float | None = None,
+def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=SHIPPED_STAGES, minutes: float | None = None,
                  threads: int = 1, steps: dict | None = None) -> dict:
     """Train the requested models into ``out_dir`` (default: the package's models dir); returns their metadata."""
     import torch
@@ -943,7 +1035,7 @@ def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=STAGES, 
         _log(f"training {k}: {n} steps, {threads} thread(s), seed {seed}")
         fn = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
               "vqganft": lambda o, seed, steps: train_vqgan(o, seed=seed, steps=steps, lr=8e-4, resume=True),
-              "clipft": finetune_clip_dvae_adversarial}[k]
+              "clipft": finetune_clip_dvae_adversarial, "clipgen": finetune_clip_generation}[k]
         res[k] = fn(out, seed=seed, steps=n)
     write_model_card(out)
     return res
@@ -953,9 +1045,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="clipguide train-shapes", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(MODELS_DIR), help="output directory (default: the package's models dir)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default=",".join(STAGES),
+    ap.add_argument("--only", default=",".join(SHIPPED_STAGES),
                     help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft (dvaeft continues the dVAE with hard codes; clipft fine-tunes the CLIP against adversarial "
-                         "images decoded by the dVAE; it needs both in --out)")
+                         "images decoded by the dVAE; it needs both in --out); clipgen (experimental, not shipped) fine-tunes the CLIP "
+                         "against the generation loop's own images")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
