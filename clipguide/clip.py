@@ -100,6 +100,10 @@ class Clip:
             return torch.empty(0, self.embed_dim, device=self.device)
         return torch.stack([self._text_cache[t] for t in texts])
 
+    def forget_texts(self) -> None:
+        """Drop the cached text embeddings (after the text tower's weights changed, e.g. in training)."""
+        self._text_cache.clear()
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings [N, D] (float32, not normalised) of [N, 3, h, w] images in [0, 1],
         differentiable w.r.t. ``images``; other sizes are resized (bicubic, no antialias:

@@ -146,7 +146,8 @@ class Step:
         else:
             emb = self.clip.encode_image(cuts).view(len(gens), cfg.cutn, -1)
             loss = cfg.loss_scale * self.loss_fn(emb, embeds, weights, stops)
-        return sum((t.detach() if backward else t for t in extra), loss), prompt_similarity(emb.detach(), embeds, weights)
+        loss = sum(extra, loss)  # in backward mode the terms are already back-propagated: report the value only
+        return (loss.detach() if backward else loss), prompt_similarity(emb.detach(), embeds, weights)
 
     def backward(self, cuts, targets, extra) -> tuple[torch.Tensor, torch.Tensor]:
         """Back-propagate the prompt loss of ``cuts`` [B·cutn, ...] and the ``extra`` terms into the

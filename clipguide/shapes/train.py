@@ -558,7 +558,7 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
         model.requires_grad_(True).train()
         hist.append(_step_with_negatives(model, opt, images[keep], batch, n_neg, rng, gen).item())
         model.requires_grad_(False).eval()
-        clip._text_cache.clear()  # the text tower moved
+        clip.forget_texts()  # the text tower moved
         counts["step"] = k + 1
         if counts["step"] % log_every == 0 or counts["step"] == steps:
             _log(f"clip-gen step {counts['step']}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
