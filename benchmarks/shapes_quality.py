@@ -52,7 +52,9 @@ def main(argv=None):
     print(f"{len(pairs)} {args.split} prompts x {args.seeds} seeds, {args.steps} steps, {torch.get_num_threads()} threads")
     print(f"{'preset':20s} {'colour':>7s} {'shape':>7s} {'bg':>7s} {'all':>7s} {'sim':>7s} {'steps1st':>8s} {'s/prompt':>8s}")
     for name in args.presets.split(","):
-        cfg = get_preset(name).replace(**shapes_models(name), steps=args.steps, batch=args.seeds, snapshots=(), **overrides)
+        # --set wins over the shapes-world models, so a local checkpoint can stand in (--set 'clip="DIR/x.json"')
+        cfg = get_preset(name).replace(**{**shapes_models(name), "steps": args.steps, "batch": args.seeds, "snapshots": (),
+                                          **overrides})
         if name == "aleph2image-gamma":
             cfg = cfg.replace(batch=args.seeds)  # its notebook's batch of 2 is a seed count here
         decoder, clip = load_models(cfg)

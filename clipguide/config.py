@@ -60,6 +60,8 @@ class RunConfig:
     init_scale: float = _f(1.0, "std of init=randn; value of the chosen code for one-hot inits")
     pyramid: tuple[int, ...] = _f((), "coarse logit grids added to the token logits, by downsampling factor, e.g. 2,4: "
                                   "a region's tokens then change together (categorical and softmax latents)")
+    pyramid_every: int = _f(0, "coarse to fine: with --pyramid only the coarsest grid learns at first, and each finer "
+                            "level (the tokens last) joins this many steps after the one before (0 = all from the start)")
     init_image: str = _f("", "start from this image (path or URL): the decoder's encoding of it replaces --init (Crowson)")
     init_weight: float = _f(0.0, "pull toward the initial latent: init_weight/2 · MSE(latent, initial latent) (Crowson)")
     temperature: float = _f(1.0, "inverse temperature multiplying the logits ('hadies')")
@@ -83,6 +85,7 @@ class RunConfig:
     cut_flip: bool = _f(False, "random horizontal flips of the cutouts")
     cut_affine: float = _f(0.0, "random rotation of each cutout by up to ± this many degrees, and a shift of up to degrees/3 %")
     cut_whole: float = _f(0.0, "fraction of the cutouts that show the whole image")
+    cut_roll: int = _f(0, "shift the image circularly by up to ± this many pixels before the cutouts (DeepDream's jitter)")
     # loss
     loss: str = _f("spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
     loss_scale: float = _f(1.0, "multiplier of the prompt loss (Aleph2Image: 10)")
@@ -119,6 +122,10 @@ class RunConfig:
             raise ConfigError(f"--cutn must be at least 1, got {self.cutn}")
         if any(k < 2 for k in self.pyramid) or len(set(self.pyramid)) != len(self.pyramid):
             raise ConfigError(f"--pyramid takes distinct downsampling factors of 2 or more (e.g. 2,4), got {list(self.pyramid)}")
+        if self.pyramid_every < 0 or (self.pyramid_every and not self.pyramid):
+            raise ConfigError(f"--pyramid-every needs --pyramid (e.g. --pyramid 2,4) and 0 or more steps, got {self.pyramid_every}")
+        if self.cut_roll < 0:
+            raise ConfigError(f"--cut-roll must be 0 (off) or a number of pixels, got {self.cut_roll}")
         if self.cut_batch < 0:
             raise ConfigError(f"--cut-batch must be 0 (all cutouts at once) or a positive count, got {self.cut_batch}")
         if self.size < 8:

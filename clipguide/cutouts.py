@@ -38,6 +38,9 @@ def draw_sizes(cfg: RunConfig, side: int, cut_size: int, g: torch.Generator) -> 
 
 def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generator) -> torch.Tensor:
     """Cutouts of one image [3, H, W] -> [cutn, 3, cut_size, cut_size]."""
+    if cfg.cut_roll:  # DeepDream's random jitter (Mordvintsev et al. 2015), wrapping round
+        shift = torch.randint(-cfg.cut_roll, cfg.cut_roll + 1, (2,), generator=g).tolist()
+        image = torch.roll(image, shift, (-2, -1))
     side = min(image.shape[-2:])
     sizes = draw_sizes(cfg, side, cut_size, g)
     whole = round(cfg.cut_whole * len(sizes))

@@ -119,11 +119,22 @@ class Categorical(Latent):
     logit is the sum over its k x k tokens, so whole regions change code together, and the image
     is made of large flat areas instead of a mosaic (the multi-scale image parametrisation of
     Mordvintsev et al. 2018, "Differentiable Image Parameterizations", applied to token logits).
+
+    With ``cfg.pyramid_every`` = N the levels learn coarse to fine, as in progressive growing
+    (Karras et al. 2018): before step N·r only the r coarsest levels get a gradient, so the run
+    first settles a layout of a few large regions and only then refines edges and tokens.
     """
 
     def __init__(self, cfg, vocab, grid, generators, bias=None, decoder=None):
         self.factors = tuple(cfg.pyramid)
+        self.every = cfg.pyramid_every
+        self.step = 0  # the optimiser step being taken (set by the loop): which levels learn
         super().__init__(cfg, vocab, grid, generators, bias, decoder)
+
+    def learns(self, factor: int) -> bool:
+        """Whether the level of ``factor`` (1 = the tokens) gets a gradient at ``self.step``."""
+        rank = sorted(set(self.factors) | {1}, reverse=True).index(factor)  # 0 = the coarsest
+        return self.step >= rank * self.every
 
     def coarse_grids(self) -> list[tuple[int, int]]:
         h, w = self.grid
@@ -138,7 +149,8 @@ class Categorical(Latent):
         """The token logits [B, h·w, V]: the fine ones plus every upsampled coarse grid."""
         (h, w), b, v = self.grid, self.param.shape[0], self.vocab
         sizes = self.coarse_grids()
-        parts = self.param.split([h * w] + [ch * cw for ch, cw in sizes], 1)
+        parts = [p if self.learns(k) else p.detach()
+                 for k, p in zip((1,) + self.factors, self.param.split([h * w] + [ch * cw for ch, cw in sizes], 1))]
         out = parts[0]
         for k, (ch, cw), part in zip(self.factors, sizes, parts[1:]):
             up = part.view(b, ch, 1, cw, 1, v).expand(b, ch, k, cw, k, v).reshape(b, ch * k, cw * k, v)

@@ -137,6 +137,7 @@ class Step:
         ``backward`` the loss's gradient is also accumulated into the latent (:meth:`backward`)."""
         cfg = self.cfg
         embeds, weights, stops = self.targets.at(step)
+        self.latent.step = step  # a coarse-to-fine latent lets its levels learn by the step
         codes = self.latent.relax(gens)
         img = self.pixels(codes, self.noise(gens, (3, cfg.size, cfg.size)))
         cuts = make_cutouts(img, cfg, self.clip.image_size, gens)

@@ -158,3 +158,22 @@ def test_cutout_augmentations_are_seeded_and_whole_views_see_everything():
     a = make_cutouts(img, aug, 32, make_generators([3]))
     assert torch.equal(a, make_cutouts(img, aug, 32, make_generators([3])))
     assert not torch.equal(a, make_cutouts(img, aug.replace(cut_affine=0.0), 32, make_generators([3])))
+
+
+def test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount():
+    from clipguide.cutouts import make_cutouts
+    from clipguide.errors import ConfigError
+
+    img = torch.rand(1, 3, 64, 64)
+    cfg = RunConfig(cutn=4, cut_whole=0.5, cut_roll=9)
+    g = make_generators([5])[0]
+    shift = torch.randint(-9, 10, (2,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert shift != [0, 0]
+    rolled = torch.roll(img, shift, (-2, -1))
+    # the shift is drawn first from the run's generator, then the cutouts as without it
+    g_after = torch.Generator().manual_seed(5)
+    torch.randint(-9, 10, (2,), generator=g_after)
+    expected = make_cutouts(rolled, cfg.replace(cut_roll=0), 32, [g_after])
+    assert torch.equal(make_cutouts(img, cfg, 32, [g]), expected)
+    with pytest.raises(ConfigError, match="--cut-roll must be 0"):
+        RunConfig(cut_roll=-1)

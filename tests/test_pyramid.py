@@ -12,8 +12,9 @@ from clipguide.optimise import make_generators
 GRID, VOCAB = (4, 6), 5
 
 
-def latent(factors, latent="categorical", grid=GRID):
-    cfg = get_preset("shapes").replace(prompts=("a red circle",), latent=latent, init="randn", pyramid=factors)
+def latent(factors, latent="categorical", grid=GRID, every=0):
+    cfg = get_preset("shapes").replace(prompts=("a red circle",), latent=latent, init="randn", pyramid=factors,
+                                       pyramid_every=every)
     return make_latent(cfg, VOCAB, grid, make_generators([0, 1]))
 
 
@@ -55,12 +56,41 @@ def test_a_factor_that_does_not_divide_the_grid_covers_it_and_is_cropped():
     torch.testing.assert_close(lat.logits(), expected)
 
 
+def test_coarse_to_fine_levels_learn_from_their_steps():
+    """--pyramid-every 3 with factors 2,4: the 4-grid learns from step 0, the 2-grid from 3, the tokens from 6."""
+    weights = torch.randn(2, VOCAB, *GRID, generator=torch.Generator().manual_seed(6))
+    sizes = [24, 6, 2]  # tokens 4x6, 2x3, 1x2
+    free = latent((2, 4))
+    (free.logits() * weights).sum().backward()
+    for step, learning in ((0, [False, False, True]), (5, [False, True, True]), (6, [True, True, True])):
+        lat = latent((2, 4), every=3)
+        lat.step = step
+        (lat.logits() * weights).sum().backward()
+        torch.testing.assert_close(lat.logits(), free.logits())  # only the gradient is held back, never the value
+        for grad, free_grad, learns in zip(lat.param.grad.split(sizes, 1), free.param.grad.split(sizes, 1), learning):
+            torch.testing.assert_close(grad, free_grad if learns else torch.zeros_like(grad))
+
+
+def test_optimise_keeps_the_tokens_fixed_until_their_step(tiny_dvae, tiny_clip):
+    cfg = get_preset("shapes").replace(prompts=("a red circle",), decoder="t", clip="t", size=32, cutn=2,
+                                       init="randn", pyramid=(2,), pyramid_every=4)
+    start = optimise(cfg.replace(steps=1), tiny_dvae, tiny_clip).latent  # the 2-grid has moved, the tokens not
+    before = optimise(cfg.replace(steps=4), tiny_dvae, tiny_clip).latent
+    after = optimise(cfg.replace(steps=5), tiny_dvae, tiny_clip).latent
+    tokens = 16  # 32 px through the tiny dVAE's 8x downsampling: 4x4
+    assert torch.equal(before[:, :tokens], start[:, :tokens]) and not torch.equal(before[:, tokens:], start[:, tokens:])
+    assert not torch.equal(after[:, :tokens], before[:, :tokens])
+
+
 def test_bad_factors_and_latents_are_named():
     with pytest.raises(ConfigError, match="--latent categorical or softmax"):
         latent((2,), latent="parity-softmax")
     for factors in ((1,), (2, 2)):
         with pytest.raises(ConfigError, match="distinct downsampling factors of 2 or more"):
             latent(factors)
+    for factors, every in (((), 50), ((2,), -1)):
+        with pytest.raises(ConfigError, match="--pyramid-every needs --pyramid"):
+            latent(factors, every=every)
 
 
 def test_pyramid_reaches_a_higher_clip_similarity_on_the_shapes_world(shapes_models):

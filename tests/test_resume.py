@@ -51,7 +51,7 @@ PRESETS = {
     "aleph2image": {},  # spatial Gumbel, normal cut law
     "aleph2image-delta": {},  # parity softmax, lr growth, cutout noise
     "shapes/bf16": dict(precision="bf16"),  # decoder and CLIP in bfloat16
-    "shapes/pyramid": dict(pyramid=(2, 4), cut_batch=2),  # coarse logit grids; CLIP backward in chunks
+    "shapes/pyramid": dict(pyramid=(2, 4), pyramid_every=2, cut_batch=2),  # coarse to fine; CLIP backward in chunks
 }
 
 
