@@ -249,3 +249,35 @@ def test_clipgen_stage_trains_the_clip_against_the_generation_loop(tmp_path):
     assert meta["metrics"]["before_generation_finetune"] is not None
     assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
     assert "stage 3 (clipgen" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
+def test_frame_cut_scenes_cross_the_frame_and_the_judge_sees_no_shape():
+    from clipguide.shapes import judge as J
+    from clipguide.shapes.scenes import render_frame_cut
+
+    imgs = render_frame_cut(40, seed=3)
+    assert imgs.shape == (40, 128, 128, 3) and np.array_equal(imgs, render_frame_cut(40, seed=3))
+    for img in imgs:
+        colours, counts = np.unique(img.reshape(-1, 3), axis=0, return_counts=True)
+        bg = colours[counts.argmax()]  # a shape covers at most 0.7² of the image
+        fg = (img != bg).any(-1)
+        assert fg[0].any() or fg[-1].any() or fg[:, 0].any() or fg[:, -1].any()
+        assert J.judge(img).shape is None
+
+
+def test_clipframe_stage_fine_tunes_the_clip_with_frame_cut_negatives(tmp_path):
+    """The experimental clipframe stage rewrites the CLIP with its record (2 steps on a copy of the shipped CLIP)."""
+    import json
+    import shutil
+
+    from clipguide.decoders import PACKAGE_DIR
+    from clipguide.shapes import train as T
+
+    for name in ("shapes-clip.json", "shapes-clip.safetensors"):
+        shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
+    before = (tmp_path / "shapes-clip.safetensors").read_bytes()
+    assert T.main(["--out", str(tmp_path), "--only", "clipframe", "--steps", "2"]) == 0
+    meta = json.loads((tmp_path / "shapes-clip.json").read_text())
+    assert meta["finetune_frame"]["steps"] == 2 and meta["metrics"]["before_frame_finetune"] is not None
+    assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
+    assert "clipframe (experimental" in (tmp_path / "MODEL_CARD.md").read_text()

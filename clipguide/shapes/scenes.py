@@ -7,7 +7,7 @@ Public API
 ----------
 COLOURS, SHAPES, BACKGROUNDS, TEMPLATES, CANONICAL_TEMPLATE, NEUTRAL_CAPTIONS
 Scene, sample_scenes, render, to_tensor, caption, canonical_caption,
-parse_caption, attributes_of_prompt, canonical_prompts, render_distractors,
+parse_caption, attributes_of_prompt, canonical_prompts, render_distractors, render_frame_cut,
 DISTRACTOR_KINDS
 """
 
@@ -281,6 +281,23 @@ def render_distractor(kind: str, g: np.random.Generator, size: int = 128) -> np.
         cols = np.stack([PALETTE[fg_i], PALETTE[bg_i], PALETTE[other_i]])[: int(g.integers(2, 4))]
         return cols[(v // p).astype(int) % len(cols)]
     raise ConfigError(f"unknown distractor kind {kind!r}: use one of {', '.join(DISTRACTOR_KINDS)}")
+
+
+def render_frame_cut(n: int, seed: int | np.random.Generator | None = 0, size: int = 128) -> np.ndarray:
+    """``n`` uint8 [n, size, size, 3] images of one shape that crosses an edge of the frame by 15-45 % of its
+    size: not "a shape on a background" (hard negatives for a CLIP whose training crops cut shapes too)."""
+    g = _rng(seed)
+    out = np.empty((int(n), size, size, 3), np.uint8)
+    for img in out:
+        bg, fg = g.choice(len(PALETTE), 2, replace=False)
+        s = g.uniform(*SIZE_RANGE)
+        h, over = s / 2, g.uniform(0.15, 0.45) * s
+        centre = [g.uniform(h + MARGIN, 1 - h - MARGIN) for _ in range(2)]
+        axis, far = g.integers(2), g.integers(2)
+        centre[axis] = 1 - h + over if far else h - over
+        img[:] = PALETTE[bg]
+        img[shape_mask(SHAPES[g.integers(len(SHAPES))], centre[0], centre[1], s, size)] = PALETTE[fg]
+    return out
 
 
 def render_distractors(n: int, seed: int | np.random.Generator | None = 0, size: int = 128,

@@ -29,11 +29,13 @@ from . import scenes as S
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 KINDS = ("clip", "dvae", "vqgan")
 SHIPPED_STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft")  # clipft: CLIP fine-tune against dVAE-decoded adversarial images
-STAGES = SHIPPED_STAGES + ("clipgen",)  # clipgen: experimental CLIP fine-tune against the generation loop (not shipped)
+STAGES = SHIPPED_STAGES + ("clipgen", "clipframe")  # experimental CLIP fine-tunes (not shipped): against the
+# generation loop's images (clipgen), and with shapes cut by the frame as negatives (clipframe)
 
 # Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
-STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0, "clipgen": 27.0}
-DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0, "clipgen": 15.0}
+STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0, "clipgen": 27.0,
+                 "clipframe": 150.0}
+DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0, "clipgen": 15.0, "clipframe": 1.0}
 
 ROBUSTNESS_STEPS = 150  # pixel-space robustness check length (module constant so smoke tests can shorten it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -166,6 +168,16 @@ def _finish_dvae(enc, dec, tag: str) -> tuple[dict, dict]:
     ev = _eval_recon(lambda x: dvae_reconstruct(enc, dec, x))
     _log(f"{tag} eval {ev}")
     return ev, _prefixed_tensors(encoder=enc, decoder=dec)
+
+
+def _finish_clip(model, tag: str) -> tuple[dict, dict]:
+    """Freeze a fine-tuned CLIP, measure its zero-shot accuracy, and return (accuracy, float16 tensors to ship)."""
+    import torch
+
+    model.eval()
+    zs = clip_zero_shot(model, n=300)
+    _log(f"{tag} zero-shot {zs}")
+    return zs, {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
 
 
 def _soft_contrastive_step(model, opt, x, text, scenes, tmpl, n_real: int):
@@ -499,12 +511,9 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
             _log(f"clip-ft step {step + 1}/{steps} loss {np.mean(hist[-log_every:]):.4f} dropped {dropped} "
                  f"adv-cos {(f * tt[None]).sum(-1).mean().item():.3f} {(time.time() - t0) / (step + 1):.3f}s/step")
     train_s = time.time() - t0
-    model.eval()
-    zs = clip_zero_shot(model, n=300)
-    _log(f"clip-ft zero-shot {zs}")
+    zs, sd = _finish_clip(model, "clip-ft")
     rob = pixel_robustness(model)
     _log(f"clip-ft pixel robustness {rob}")
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     meta = dict(meta)
     meta["metrics"] = {"zero_shot_300": zs, "pixel_robustness": rob,
                        "stage1": meta.get("metrics")}
@@ -572,16 +581,49 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
         cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(seed * 1000 + r * pool))
         optimise(cfg, decoder, clip, train_on)
     train_s = time.time() - t0
-    model.eval()
-    zs = clip_zero_shot(model, n=300)
-    _log(f"clip-gen zero-shot {zs}")
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    zs, sd = _finish_clip(model, "clip-gen")
     meta["metrics"] = dict(meta.get("metrics", {}), zero_shot_300=zs,
                            before_generation_finetune=meta.get("metrics", {}).get("zero_shot_300"))
     meta["finetune_generation"] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool,
                                    "rounds_of": rounds_of, "lr": lr, "dropped_as_genuine": counts["dropped"],
                                    "guide": f"the 'shapes' preset with pyramid {list(guide_pyramid)}", "seed": seed,
                                    "seconds": round(train_s, 1), "trained_by": _COMMAND[0]}
+    _save(out_dir, "shapes-clip", sd, meta)
+    return meta
+
+
+def finetune_clip_frame(out_dir: Path, seed: int = 0, steps: int = 150, batch: int = 64, n_neg: int = 16,
+                        n_cut: int = 16, lr: float = 1e-4, log_every: int = 25) -> dict:
+    """Experimental CLIP stage (not in the shipped run): fine-tune with shapes cut by the frame as negatives.
+
+    The CLIP's training crops (80-100 % of the side) show shapes cut by the frame under their captions,
+    so the generation loop is not pushed away from the frame. Each step adds ``n_cut`` scenes whose shape
+    crosses an edge (:func:`~clipguide.shapes.scenes.render_frame_cut`) to the neutral-caption negatives.
+    Needs shapes-clip.* in ``out_dir``; rewrites it.
+    """
+    import torch
+
+    torch.manual_seed(seed + 11)
+    gen = torch.Generator().manual_seed(seed + 11)
+    rng = np.random.default_rng(seed + 11)
+    model, meta = load_clip_from(out_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    before = meta.get("metrics", {}).get("zero_shot_300")
+    t0, hist = time.time(), []
+    model.train()
+    for step in range(steps):
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(step, steps, lr, warmup=10)
+        cut = torch.from_numpy(S.render_frame_cut(n_cut, rng, 128)).permute(0, 3, 1, 2).float() / 255
+        hist.append(_step_with_negatives(model, opt, cut, batch, n_neg, rng, gen).item())
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            _log(f"clip-frame step {step + 1}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
+                 f"{(time.time() - t0) / (step + 1):.3f}s/step")
+    train_s = time.time() - t0
+    zs, sd = _finish_clip(model, "clip-frame")
+    meta["metrics"] = dict(meta.get("metrics", {}), zero_shot_300=zs, before_frame_finetune=before)
+    meta["finetune_frame"] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg, "frame_cut": n_cut,
+                              "lr": lr, "seed": seed, "seconds": round(train_s, 1), "trained_by": _COMMAND[0]}
     _save(out_dir, "shapes-clip", sd, meta)
     return meta
 
@@ -984,6 +1026,13 @@ def write_model_card(out_dir: Path) -> Path:
                         f"seeds each round), fed back as negatives ({ft['dropped_as_genuine']} dropped because the "
                         f"judge found the prompt drawn); {ft['seconds'] / 60:.1f} min on 1 thread.",
                         f"- before stage 3: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
+        if "finetune_frame" in m:
+            ft = m["finetune_frame"]
+            L[-1:-1] = [f"- clipframe (experimental; the zero-shot numbers above are after it): {ft['steps']} steps, "
+                        f"lr {ft['lr']}, {ft['batch_real']} scenes + {ft['batch_distractors']} distractors + "
+                        f"{ft['frame_cut']} scenes whose shape is cut by the frame, as negatives; "
+                        f"{ft['seconds'] / 60:.1f} min on 1 thread; zero-shot before it "
+                        f"{json.dumps(m['metrics'].get('before_frame_finetune'))}"]
     for k, title in (("dvae", "shapes-dvae (dall_e Encoder/Decoder)"), ("vqgan", "shapes-vqgan (taming modules)")):
         if k not in metas:
             continue
@@ -1035,7 +1084,8 @@ def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=SHIPPED_
         _log(f"training {k}: {n} steps, {threads} thread(s), seed {seed}")
         fn = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
               "vqganft": lambda o, seed, steps: train_vqgan(o, seed=seed, steps=steps, lr=8e-4, resume=True),
-              "clipft": finetune_clip_dvae_adversarial, "clipgen": finetune_clip_generation}[k]
+              "clipft": finetune_clip_dvae_adversarial, "clipgen": finetune_clip_generation,
+              "clipframe": finetune_clip_frame}[k]
         res[k] = fn(out, seed=seed, steps=n)
     write_model_card(out)
     return res
@@ -1047,8 +1097,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(SHIPPED_STAGES),
                     help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft (dvaeft continues the dVAE with hard codes; clipft fine-tunes the CLIP against adversarial "
-                         "images decoded by the dVAE; it needs both in --out); clipgen (experimental, not shipped) fine-tunes the CLIP "
-                         "against the generation loop's own images")
+                         "images decoded by the dVAE; it needs both in --out); clipgen and clipframe (experimental, not shipped) "
+                         "fine-tune the CLIP against the generation loop's own images, and with shapes cut by the frame as negatives")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
