@@ -127,14 +127,14 @@ class Categorical(Latent):
 
     def __init__(self, cfg, vocab, grid, generators, bias=None, decoder=None):
         self.factors = tuple(cfg.pyramid)
-        self.every = cfg.pyramid_every
+        # the step from which each level (factor; 1 = the tokens) learns: the coarsest from 0
+        self.starts = {k: r * cfg.pyramid_every for r, k in enumerate(sorted(set(self.factors) | {1}, reverse=True))}
         self.step = 0  # the optimiser step being taken (set by the loop): which levels learn
         super().__init__(cfg, vocab, grid, generators, bias, decoder)
 
     def learns(self, factor: int) -> bool:
         """Whether the level of ``factor`` (1 = the tokens) gets a gradient at ``self.step``."""
-        rank = sorted(set(self.factors) | {1}, reverse=True).index(factor)  # 0 = the coarsest
-        return self.step >= rank * self.every
+        return self.step >= self.starts[factor]
 
     def coarse_grids(self) -> list[tuple[int, int]]:
         h, w = self.grid

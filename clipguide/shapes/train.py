@@ -226,7 +226,7 @@ def _step_with_negatives(model, opt, extra_negatives, batch: int, n_neg: int, rn
     tmpl = rng.integers(len(S.TEMPLATES), size=batch)
     caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)]
     real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
-    negs = torch.from_numpy(S.render_distractors(n_neg, rng, 128)).permute(0, 3, 1, 2).float() / 255
+    negs = S.to_tensor(S.render_distractors(n_neg, rng, 128))
     imgs = [real, _augment(negs, gen)]
     if len(extra_negatives):
         imgs.append(_augment(extra_negatives, gen, noise=0.02))
@@ -258,7 +258,7 @@ def clip_zero_shot(model, n: int = 200, seed: int = 12345, size: int = 128, batc
                 correct["shape"] += ok[1]
                 correct["background"] += ok[2]
                 correct["all"] += all(ok)
-        d = torch.from_numpy(S.render_distractors(n, seed + 1, size)).permute(0, 3, 1, 2).float() / 255
+        d = S.to_tensor(S.render_distractors(n, seed + 1, size))
         d = torch.nn.functional.interpolate(d, size=(CLIP_IMAGE_SIZE,) * 2, mode="bilinear", antialias=True)
         fd = model.encode_image(_normalise(d), normalize=True)
         neutral = ((fd @ t.T).argmax(1) >= len(prompts)).float().mean().item()
@@ -352,7 +352,7 @@ def train_clip(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int = 128
         tmpl = rng.integers(len(S.TEMPLATES), size=batch)
         caps = [S.caption(s, int(k)) for s, k in zip(scenes, tmpl)]
         real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
-        negs = torch.from_numpy(S.render_distractors(n_neg, rng, 128)).permute(0, 3, 1, 2).float() / 255
+        negs = S.to_tensor(S.render_distractors(n_neg, rng, 128))
         negs = _augment(negs, gen)
         imgs = [real, negs]
         if step >= adv_from and n_adv:
@@ -614,7 +614,7 @@ def finetune_clip_frame(out_dir: Path, seed: int = 0, steps: int = 150, batch: i
     for step in range(steps):
         for gp in opt.param_groups:
             gp["lr"] = _lr(step, steps, lr, warmup=10)
-        cut = torch.from_numpy(S.render_frame_cut(n_cut, rng, 128)).permute(0, 3, 1, 2).float() / 255
+        cut = S.to_tensor(S.render_frame_cut(n_cut, rng, 128))
         hist.append(_step_with_negatives(model, opt, cut, batch, n_neg, rng, gen).item())
         if (step + 1) % log_every == 0 or step == steps - 1:
             _log(f"clip-frame step {step + 1}/{steps} loss {np.mean(hist[-log_every:]):.4f} "
