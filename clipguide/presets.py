@@ -83,11 +83,12 @@ _add(
 _add(
     "shapes",
     "clipguide's default recipe, developed on the offline shapes world: straight-through categorical "
-    "sampling from flat initial logits, 16 cutouts with flips, ±15° rotations and a quarter of whole-image "
-    "views, AdamW 0.1, snapshots of an EMA (0.9) of the logits; shapes-world CLIP and dVAE.",
+    "sampling from flat initial logits plus a coarse-to-fine logit pyramid (4- and 2-token cells, the 4-grid "
+    "alone for 75 steps, then one more level every 75), 16 cutouts with flips, ±15° rotations and a quarter "
+    "of whole-image views, AdamW 0.1, snapshots of an EMA (0.9) of the logits; shapes-world CLIP and dVAE.",
     **dict(decoder="shapes-dvae", clip="shapes", size=128, steps=300, latent="categorical", init="uniform",
-           cutn=16, cut="crowson", cut_flip=True, cut_affine=15.0, cut_whole=0.25, ema=0.9,
-           loss="spherical", optimiser="adamw", lr=0.1),
+           pyramid=(2, 4), pyramid_every=75, cutn=16, cut="crowson", cut_flip=True, cut_affine=15.0,
+           cut_whole=0.25, ema=0.9, loss="spherical", optimiser="adamw", lr=0.1),
 )
 
 # Crowson's VQGAN notebooks (methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.

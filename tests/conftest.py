@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from clipguide.testing import random_clip, random_dalle_decoder
@@ -12,6 +14,14 @@ TINY_CLIP_CFG = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 TINY_DVAE = dict(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+
+
+def pytest_configure(config):
+    # A shell starts background jobs (`pytest &`) with SIGINT ignored, and an ignored signal stays ignored
+    # across exec: the Ctrl-C tests' subprocesses would never see their SIGINT. A handled signal is reset
+    # to the default at exec, so the children get Python's usual KeyboardInterrupt.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

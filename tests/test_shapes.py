@@ -266,7 +266,7 @@ def test_frame_cut_scenes_cross_the_frame_and_the_judge_sees_no_shape():
 
 
 def test_clipframe_stage_fine_tunes_the_clip_with_frame_cut_negatives(tmp_path):
-    """The experimental clipframe stage rewrites the CLIP with its record (2 steps on a copy of the shipped CLIP)."""
+    """The clipframe stage (last of the shipped run) rewrites the CLIP with its record (2 steps on a copy of the shipped CLIP)."""
     import json
     import shutil
 
@@ -280,4 +280,4 @@ def test_clipframe_stage_fine_tunes_the_clip_with_frame_cut_negatives(tmp_path):
     meta = json.loads((tmp_path / "shapes-clip.json").read_text())
     assert meta["finetune_frame"]["steps"] == 2 and meta["metrics"]["before_frame_finetune"] is not None
     assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
-    assert "clipframe (experimental" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert "stage 3 (clipframe" in (tmp_path / "MODEL_CARD.md").read_text()

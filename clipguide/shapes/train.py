@@ -28,9 +28,9 @@ from . import scenes as S
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 KINDS = ("clip", "dvae", "vqgan")
-SHIPPED_STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft")  # clipft: CLIP fine-tune against dVAE-decoded adversarial images
-STAGES = SHIPPED_STAGES + ("clipgen", "clipframe")  # experimental CLIP fine-tunes (not shipped): against the
-# generation loop's images (clipgen), and with shapes cut by the frame as negatives (clipframe)
+# clipft: CLIP fine-tune against dVAE-decoded adversarial images; clipframe: then with frame-cut shapes as negatives
+SHIPPED_STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe")
+STAGES = SHIPPED_STAGES + ("clipgen",)  # experimental (not shipped): CLIP fine-tune against the generation loop's images
 
 # Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
 STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0, "clipgen": 27.0,
@@ -594,7 +594,7 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
 
 def finetune_clip_frame(out_dir: Path, seed: int = 0, steps: int = 150, batch: int = 64, n_neg: int = 16,
                         n_cut: int = 16, lr: float = 1e-4, log_every: int = 25) -> dict:
-    """Experimental CLIP stage (not in the shipped run): fine-tune with shapes cut by the frame as negatives.
+    """Last CLIP stage of the shipped run: fine-tune with shapes cut by the frame as negatives.
 
     The CLIP's training crops (80-100 % of the side) show shapes cut by the frame under their captions,
     so the generation loop is not pushed away from the frame. Each step adds ``n_cut`` scenes whose shape
@@ -971,11 +971,13 @@ def write_model_card(out_dir: Path) -> Path:
          "python -m clipguide.shapes.train --only clip --threads 1 & python -m clipguide.shapes.train --only dvae --threads 1; wait",
          "python -m clipguide.shapes.train --only vqgan --threads 1 & python -m clipguide.shapes.train --only dvaeft --threads 1; wait",
          "python -m clipguide.shapes.train --only vqganft --threads 1 & python -m clipguide.shapes.train --only clipft --threads 1; wait",
+         "python -m clipguide.shapes.train --only clipframe --threads 1",
          "```",
-         "(`clipguide train-shapes ARGS` is the same; with no `--only` all six stages run one after another in",
+         "(`clipguide train-shapes ARGS` is the same; with no `--only` all seven stages run one after another in",
          "one process.  Stages: clip = contrastive CLIP; dvae = Gumbel-softmax dVAE; dvaeft = dVAE continued with",
          "hard straight-through codes and an edge-weighted loss; vqgan; vqganft = VQGAN continued; clipft = CLIP",
-         "fine-tuned against adversarial images decoded by the shipped dVAE.)", "",
+         "fine-tuned against adversarial images decoded by the shipped dVAE; clipframe = CLIP fine-tuned with",
+         "shapes cut by the frame as negatives.)", "",
          f"Shipped files ({total / 1e6:.2f} MB in total):", ""]
     L += [f"- `{f.name}`: {f.stat().st_size / 1e6:.2f} MB" for f in files] + [""]
     if "clip" in metas:
@@ -1028,7 +1030,8 @@ def write_model_card(out_dir: Path) -> Path:
                         f"- before stage 3: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
         if "finetune_frame" in m:
             ft = m["finetune_frame"]
-            L[-1:-1] = [f"- clipframe (experimental; the zero-shot numbers above are after it): {ft['steps']} steps, "
+            L[-1:-1] = [f"- stage 3 (clipframe, the zero-shot numbers above are after it; the pixel robustness line "
+                        f"is from stage 2): {ft['steps']} steps, "
                         f"lr {ft['lr']}, {ft['batch_real']} scenes + {ft['batch_distractors']} distractors + "
                         f"{ft['frame_cut']} scenes whose shape is cut by the frame, as negatives; "
                         f"{ft['seconds'] / 60:.1f} min on 1 thread; zero-shot before it "
@@ -1096,9 +1099,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(MODELS_DIR), help="output directory (default: the package's models dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(SHIPPED_STAGES),
-                    help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft (dvaeft continues the dVAE with hard codes; clipft fine-tunes the CLIP against adversarial "
-                         "images decoded by the dVAE; it needs both in --out); clipgen and clipframe (experimental, not shipped) "
-                         "fine-tune the CLIP against the generation loop's own images, and with shapes cut by the frame as negatives")
+                    help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft,clipframe (dvaeft continues the dVAE with hard "
+                         "codes; clipft fine-tunes the CLIP against adversarial images decoded by the dVAE, it needs both in "
+                         "--out; clipframe then fine-tunes it with shapes cut by the frame as negatives); clipgen "
+                         "(experimental, not shipped) fine-tunes the CLIP against the generation loop's own images")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
