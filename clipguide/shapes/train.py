@@ -950,6 +950,11 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _last_clip_stage(name: str) -> str:
+    """Model-card head of a CLIP fine-tune run after clipft (clipframe, shipped; clipgen, experimental)."""
+    return f"- stage 3 ({name}, the zero-shot numbers above are after it; the pixel robustness line is from stage 2): "
+
+
 def write_model_card(out_dir: Path) -> Path:
     """(Re)write MODEL_CARD.md from the json files present in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -1021,8 +1026,7 @@ def write_model_card(out_dir: Path) -> Path:
                         f"{json.dumps(st1.get('pixel_robustness'))}"]
         if "finetune_generation" in m:
             ft = m["finetune_generation"]
-            L[-1:-1] = [f"- stage 3 (clipgen, the zero-shot numbers above are after it; the pixel robustness line is "
-                        f"from stage 2): {ft['steps']} steps, lr {ft['lr']}, {ft['batch_real']} scenes + "
+            L[-1:-1] = [_last_clip_stage("clipgen") + f"{ft['steps']} steps, lr {ft['lr']}, {ft['batch_real']} scenes + "
                         f"{ft['batch_distractors']} distractors + the current images of {ft['pool']} runs of "
                         f"{ft['guide']} guided by this CLIP itself (rounds of {ft['rounds_of']} steps, new prompts and "
                         f"seeds each round), fed back as negatives ({ft['dropped_as_genuine']} dropped because the "
@@ -1030,8 +1034,7 @@ def write_model_card(out_dir: Path) -> Path:
                         f"- before stage 3: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
         if "finetune_frame" in m:
             ft = m["finetune_frame"]
-            L[-1:-1] = [f"- stage 3 (clipframe, the zero-shot numbers above are after it; the pixel robustness line "
-                        f"is from stage 2): {ft['steps']} steps, "
+            L[-1:-1] = [_last_clip_stage("clipframe") + f"{ft['steps']} steps, "
                         f"lr {ft['lr']}, {ft['batch_real']} scenes + {ft['batch_distractors']} distractors + "
                         f"{ft['frame_cut']} scenes whose shape is cut by the frame, as negatives; "
                         f"{ft['seconds'] / 60:.1f} min on 1 thread; zero-shot before it "
