@@ -3,7 +3,8 @@
 Runs every preset on held-out canonical prompts (never used for tuning) with the
 shipped shapes-world CLIP and dVAE, under the same step budget, and prints the
 pixel judge's match rates (colour, shape, background, all three), the CLIP
-similarity, the median steps to the first full match and seconds per prompt.
+similarity, the median steps to the first full match and seconds per prompt, and
+why the shape was missed (the judge's reason: frame, outline, pieces, ...).
 
     python benchmarks/shapes_quality.py --prompts 32 --steps 300 --threads 2
 """
@@ -62,6 +63,8 @@ def main(argv=None):
         first = f"{m['median_steps_to_match']:.0f}" if m["median_steps_to_match"] is not None else "-"
         print(f"{name:20s} {m['match_colour']:7.3f} {m['match_shape']:7.3f} {m['match_background']:7.3f} "
               f"{m['match_all']:7.3f} {m['clip_similarity']:7.3f} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
+        if m["shape_failures"]:
+            print(f"{'':20s} shape missed, by the judge's reason: {m['shape_failures']}", flush=True)
         rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}})
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,9 @@
   colours are a small fraction of it, it has (almost) no holes — and its mask,
   compared with an ideal circle / square / upright triangle fitted to its
   bounding box, must reach IoU >= ``SHAPE_IOU``; it must not touch the frame.  Textures, mosaics, speckles,
-  several blobs and irregular blobs therefore get ``shape=None``.
+  several blobs and irregular blobs therefore get ``shape=None``.  Decoders draw a triangle with rounded
+  corners, which shrinks its bounding box; the triangle is therefore also fitted to the box grown back by
+  the amount a corner radius up to ``ROUNDING`` of the side removes, and the best IoU counts.
 
 An attribute that cannot be read is ``None``.
 """
@@ -35,6 +37,7 @@ LARGEST_MIN = 0.9  # the largest component must hold this fraction of the colour
 OTHER_MAX = 0.2  # other non-background colours, relative to the blob area
 HOLES_MAX = 0.05  # hole pixels, relative to the filled blob
 SHAPE_IOU = 0.85  # IoU with the ideal fitted shape
+ROUNDING = 0.15  # a triangle's corners may be rounded up to this radius (fraction of its side): decoders round them
 MAX_SIDE = 128  # larger images are downsampled (nearest) before judging
 
 
@@ -44,6 +47,7 @@ class Verdict:
     shape: str | None
     background: str | None
     shape_iou: float = 0.0  # IoU of the blob with the best ideal shape (diagnostic)
+    reason: str = ""  # why an attribute is None: "category: detail" of the first check that failed (diagnostic)
 
     @property
     def attributes(self) -> tuple[str | None, str | None, str | None]:
@@ -111,7 +115,7 @@ def _reach_from_border(free: np.ndarray) -> np.ndarray:
 
 
 def _ideal_masks(y0, y1, x0, x1, h, w) -> dict[str, np.ndarray]:
-    """Ideal circle / square / triangle masks fitted to a bounding box, in a (h, w) canvas."""
+    """Ideal circle / square masks fitted to a bounding box, in a (h, w) canvas (triangles: _triangle_iou)."""
     bh, bw = y1 - y0, x1 - x0
     t_y = (np.arange(h) + 0.5)[:, None]
     t_x = (np.arange(w) + 0.5)[None, :]
@@ -119,9 +123,27 @@ def _ideal_masks(y0, y1, x0, x1, h, w) -> dict[str, np.ndarray]:
     ry, rx = bh / 2, bw / 2
     circle = ((t_x - cx) / rx) ** 2 + ((t_y - cy) / ry) ** 2 <= 1
     square = (t_y >= y0) & (t_y <= y1) & (t_x >= x0) & (t_x <= x1)
-    frac = (t_y - y0) / bh
-    triangle = (t_y >= y0) & (t_y <= y1) & (np.abs(t_x - cx) <= frac * bw / 2)
-    return {"circle": circle, "square": square, "triangle": triangle}
+    return {"circle": circle, "square": square}
+
+
+def _triangle(y0, y1, x0, x1, t_y, t_x) -> np.ndarray:
+    """The upright triangle with apex at the top centre of a bounding box and base along its bottom."""
+    cx, frac = (x0 + x1) / 2, (t_y - y0) / (y1 - y0)
+    return (t_y >= y0) & (t_y <= y1) & (np.abs(t_x - cx) <= frac * (x1 - x0) / 2)
+
+
+def _triangle_iou(blob: np.ndarray, y0, y1, x0, x1) -> float:
+    """Best IoU of ``blob`` with the triangle fitted to its bounding box, or with a sharp triangle whose
+    corners it may have rounded (radius r up to ROUNDING of its side; ROUNDING = 0: the plain fit). Rounding a corner of radius r pulls the bounding box in by r(1/sin(a/2) - 1)
+    at the apex (1.236 r for base = height) and by r(1/tan(b/2) - 1) at each base corner (0.618 r),
+    so the sharp triangle is fitted to the box grown back by those amounts."""
+    h, w = blob.shape
+    t_y, t_x = (np.arange(h) + 0.5)[:, None], (np.arange(w) + 0.5)[None, :]
+    best = 0.0
+    for r in range(int(ROUNDING * max(y1 - y0, x1 - x0)) + 1):
+        tri = _triangle(y0 - 1.236 * r, y1, x0 - 0.618 * r, x1 + 0.618 * r, t_y, t_x)
+        best = max(best, np.logical_and(tri, blob).sum() / max(1, np.logical_or(tri, blob).sum()))
+    return float(best)
 
 
 def judge(image) -> Verdict:
@@ -141,17 +163,17 @@ def judge(image) -> Verdict:
     counts = np.bincount(border[border >= 0], minlength=len(PALETTE))
     bg = int(counts.argmax())
     if counts[bg] < BORDER_MIN * border.size:
-        return Verdict(None, None, None)
+        return Verdict(None, None, None, reason="background: no colour covers most of the border")
     background = COLOUR_NAMES[bg]
 
     fg = (lab >= 0) & (lab != bg)
     n_fg = int(fg.sum())
     if n_fg < MIN_AREA * h * w:
-        return Verdict(None, None, background)
+        return Verdict(None, None, background, reason="foreground: none")
     fg_counts = np.bincount(lab[fg], minlength=len(PALETTE))
     col = int(fg_counts.argmax())
     if fg_counts[col] < COLOUR_MIN * n_fg:
-        return Verdict(None, None, background)
+        return Verdict(None, None, background, reason="colour: no colour makes up most of the foreground")
     colour = COLOUR_NAMES[col]
 
     cmask = lab == col
@@ -161,26 +183,27 @@ def judge(image) -> Verdict:
     blob = comps == big
     area = int(sizes.max())
     if area < LARGEST_MIN * fg_counts[col] or area < MIN_AREA * h * w:
-        return Verdict(colour, None, background)
+        return Verdict(colour, None, background, reason="pieces: the colour is not one blob")
     if n_fg - fg_counts[col] > OTHER_MAX * area:
-        return Verdict(colour, None, background)
+        return Verdict(colour, None, background, reason="other colours: too much of them beside the blob")
     filled = ~_reach_from_border(~blob)
     if int(filled.sum()) - area > HOLES_MAX * filled.sum():
-        return Verdict(colour, None, background)
+        return Verdict(colour, None, background, reason="holes: in the blob")
     ys, xs = np.nonzero(filled)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     if y0 == 0 or x0 == 0 or y1 == h or x1 == w:  # a shape cut by the frame is not "a shape on a background"
-        return Verdict(colour, None, background)
-    best, best_iou = None, 0.0
-    for name, ideal in _ideal_masks(y0, y1, x0, x1, h, w).items():
-        inter = np.logical_and(ideal, filled).sum()
-        iou = inter / max(1, np.logical_or(ideal, filled).sum())
-        if iou > best_iou:
-            best, best_iou = name, float(iou)
+        return Verdict(colour, None, background, reason="frame: the blob touches it")
+    ious = {name: np.logical_and(ideal, filled).sum() / max(1, np.logical_or(ideal, filled).sum())
+            for name, ideal in _ideal_masks(y0, y1, x0, x1, h, w).items()}
+    ious["triangle"] = _triangle_iou(filled, y0, y1, x0, x1)
+    best = max(ious, key=ious.get)  # the first of equals, in circle, square, triangle order
+    best_iou = float(ious[best])
     # aspect ratio: rendered shapes have square bounding boxes
     aspect = (y1 - y0) / max(1, (x1 - x0))
-    if best_iou < SHAPE_IOU or not (0.75 <= aspect <= 1.33):
-        return Verdict(colour, None, background, best_iou)
+    if best_iou < SHAPE_IOU:
+        return Verdict(colour, None, background, best_iou, f"outline: IoU {best_iou:.2f} with the best fitted {best}")
+    if not 0.75 <= aspect <= 1.33:
+        return Verdict(colour, None, background, best_iou, f"aspect: the bounding box is {aspect:.2f}, not square")
     return Verdict(colour, best, background, best_iou)
 
 

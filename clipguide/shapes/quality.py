@@ -7,6 +7,7 @@ The canonical prompts are split once, by a fixed seed, into a *tuning* half
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,14 @@ class JudgeEvery:
                 self.first_match[i] = state.step
 
 
+def shape_failures(verdicts, targets) -> dict[str, int]:
+    """Why the shape was not the prompted one, counted by the judge's reason category ("frame", "outline",
+    "pieces", ...; "other shape" when the judge read a different shape)."""
+    cats = [v.reason.split(":")[0] if v.shape is None else "other shape"
+            for v, t in zip(verdicts, targets) if v.shape != t[1]]
+    return dict(sorted(Counter(cats).items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
     from ..optimise import optimise
@@ -65,6 +74,7 @@ def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
         "seconds_per_prompt": seconds / len(targets),
         "seconds": seconds,
         "runs": len(targets),
+        "shape_failures": shape_failures(verdicts, targets),
         "verdicts": [v.attributes for v in verdicts],
         "result": result,
     }

@@ -7,7 +7,8 @@ Public API
 ----------
 COLOURS, SHAPES, BACKGROUNDS, TEMPLATES, CANONICAL_TEMPLATE, NEUTRAL_CAPTIONS
 Scene, sample_scenes, render, to_tensor, caption, canonical_caption,
-parse_caption, attributes_of_prompt, canonical_prompts, render_distractors, render_frame_cut,
+parse_caption, attributes_of_prompt, canonical_prompts, render_distractors, render_frame_cut, render_near_miss,
+NEAR_MISS_KINDS,
 DISTRACTOR_KINDS
 """
 
@@ -118,7 +119,11 @@ def sample_scenes(n: int, seed: int | np.random.Generator | None = 0, *, rng: np
 def shape_mask(shape: str, cx: float, cy: float, size: float, res: int) -> np.ndarray:
     """Boolean [res, res] mask of a shape (geometry in fractions of the side), pixel-centre sampled."""
     t = (np.arange(res, dtype=np.float64) + 0.5) / res
-    x, y = t[None, :], t[:, None]
+    return _shape_at(shape, t[None, :], t[:, None], cx, cy, size)
+
+
+def _shape_at(shape: str, x, y, cx: float, cy: float, size: float) -> np.ndarray:
+    """Whether the points (x, y) (broadcast arrays, fractions of the side) lie in the shape."""
     h = size / 2
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= h * h
@@ -306,3 +311,59 @@ def render_distractors(n: int, seed: int | np.random.Generator | None = 0, size:
     g = _rng(seed)
     return np.stack([render_distractor(kinds[int(g.integers(len(kinds)))], g, size) for _ in range(int(n))]) \
         if n else np.zeros((0, size, size, 3), np.uint8)
+
+
+# ----------------------------------------------------------------------------- near misses
+NEAR_MISS_KINDS: tuple[str, ...] = ("wobble", "bumps", "bites", "stretch", "fragments")
+
+
+def _near_miss_mask(kind: str, scene: Scene, g: np.random.Generator, size: int) -> np.ndarray:
+    """The mask of ``scene``'s shape spoilt by ``kind``: a wavy outline, discs added to or bitten out of the
+    outline, a stretched bounding box, or small pieces of the colour beside the shape."""
+    t = (np.arange(size, dtype=np.float64) + 0.5) / size
+    x, y = t[None, :], t[:, None]
+    cx, cy, s = scene.cx, scene.cy, scene.size
+    if kind == "wobble":  # the outline's radius modulated by 2-5 low harmonics
+        theta, amp = np.arctan2(y - cy, x - cx), g.uniform(0.1, 0.22)
+        w = g.random(4)
+        rho = 1 + sum(amp * w[i] / w.sum() * np.cos((i + 2) * theta + g.uniform(0, 2 * np.pi)) for i in range(4))
+        return _shape_at(scene.shape, cx + (x - cx) / rho, cy + (y - cy) / rho, cx, cy, s)
+    if kind == "stretch":  # a bounding box of aspect 1.5-2 either way
+        a = g.uniform(1.5, 2.0) ** (1 if g.random() < 0.5 else -1)
+        return _shape_at(scene.shape, cx + (x - cx) / np.sqrt(a), cy + (y - cy) * np.sqrt(a), cx, cy, s)
+    mask = _shape_at(scene.shape, x, y, cx, cy, s)
+    if kind in ("bumps", "bites"):  # 1-3 discs centred on the outline
+        edge = np.argwhere(mask & ~np.roll(mask, 1, 0) | mask & ~np.roll(mask, -1, 1))
+        for _ in range(int(g.integers(1, 4))):
+            py, px = (edge[g.integers(len(edge))] + 0.5) / size
+            disc = (x - px) ** 2 + (y - py) ** 2 <= (g.uniform(0.13, 0.25) * s) ** 2
+            mask = mask | disc if kind == "bumps" else mask & ~disc
+        return mask
+    if kind == "fragments":  # 1-3 small pieces of the colour apart from the shape
+        for _ in range(int(g.integers(1, 4))):
+            mask = mask | _shape_at(SHAPES[g.integers(len(SHAPES))], x, y, *g.uniform(0.08, 0.92, 2), g.uniform(0.06, 0.14))
+        return mask
+    raise ConfigError(f"unknown near-miss kind {kind!r}: use one of {', '.join(NEAR_MISS_KINDS)}")
+
+
+def render_near_miss(n: int, seed: int | np.random.Generator | None = 0, size: int = 128,
+                     kinds: Sequence[str] = NEAR_MISS_KINDS) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` scenes whose shape is spoilt by one of ``kinds`` (uint8 [n, size, size, 3]) and the scenes they
+    spoil: hard negatives that keep the colours and the layout and miss only the shape. A draw that the
+    pixel judge still reads as its scene is drawn again, so none of them is a genuine match."""
+    from .judge import judge  # the judge imports this module
+
+    bad = [k for k in kinds if k not in NEAR_MISS_KINDS] or ([] if kinds else ["(none)"])
+    if bad:
+        raise ConfigError(f"unknown near-miss kind {bad[0]!r}: use one of {', '.join(NEAR_MISS_KINDS)}")
+    g = _rng(seed)
+    out, scenes = np.empty((int(n), size, size, 3), np.uint8), []
+    for img in out:
+        while True:
+            scene = sample_scenes(1, rng=g)[0]
+            img[:] = COLOURS[scene.background]
+            img[_near_miss_mask(kinds[int(g.integers(len(kinds)))], scene, g, size)] = COLOURS[scene.colour]
+            if not judge(img).all_match(*scene.attributes):
+                break
+        scenes.append(scene)
+    return out, scenes
