@@ -176,6 +176,8 @@ def test_near_miss_scenes_spoil_only_the_shape():
         assert len(S.render_near_miss(3, seed=1, kinds=(kind,))[1]) == 3
     with pytest.raises(ConfigError, match="near-miss kind 'melt'"):
         S.render_near_miss(2, kinds=("wobble", "melt"))
+    with pytest.raises(ConfigError, match="no near-miss kinds"):
+        S.render_near_miss(2, kinds=())
 
 
 # ----------------------------------------------------------------------------- shipped models

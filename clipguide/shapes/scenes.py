@@ -323,7 +323,7 @@ def _near_miss_mask(kind: str, scene: Scene, g: np.random.Generator, size: int) 
     t = (np.arange(size, dtype=np.float64) + 0.5) / size
     x, y = t[None, :], t[:, None]
     cx, cy, s = scene.cx, scene.cy, scene.size
-    if kind == "wobble":  # the outline's radius modulated by 2-5 low harmonics
+    if kind == "wobble":  # the outline's radius modulated by harmonics 2 to 5
         theta, amp = np.arctan2(y - cy, x - cx), g.uniform(0.1, 0.22)
         w = g.random(4)
         rho = 1 + sum(amp * w[i] / w.sum() * np.cos((i + 2) * theta + g.uniform(0, 2 * np.pi)) for i in range(4))
@@ -353,9 +353,10 @@ def render_near_miss(n: int, seed: int | np.random.Generator | None = 0, size: i
     pixel judge still reads as its scene is drawn again, so none of them is a genuine match."""
     from .judge import judge  # the judge imports this module
 
-    bad = [k for k in kinds if k not in NEAR_MISS_KINDS] or ([] if kinds else ["(none)"])
-    if bad:
-        raise ConfigError(f"unknown near-miss kind {bad[0]!r}: use one of {', '.join(NEAR_MISS_KINDS)}")
+    bad = [k for k in kinds if k not in NEAR_MISS_KINDS]
+    if bad or not kinds:
+        what = f"unknown near-miss kind {bad[0]!r}" if bad else "no near-miss kinds given"
+        raise ConfigError(f"{what}: use one or more of {', '.join(NEAR_MISS_KINDS)}")
     g = _rng(seed)
     out, scenes = np.empty((int(n), size, size, 3), np.uint8), []
     for img in out:
