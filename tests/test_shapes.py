@@ -378,7 +378,9 @@ def test_shipped_clip_resists_small_pixel_attacks():
 
     model, _ = T.load_clip_from(MODELS)
     scenes, text, x, targets = _canonical_batch(96, 777)
-    adv = T.l2_adversary(2.0, 5, step_size=1.0, generator=torch.Generator().manual_seed(0))(model, x, text, targets)
+    with torch.no_grad():
+        text_features = model.encode_text(text, normalize=True)
+    adv = T.l2_adversary(2.0, 5, step_size=1.0, generator=torch.Generator().manual_seed(0))(model, x, text_features, targets)
     cap_index, cap_tokens = T._caption_tokens()
     prompts = [p for p, _ in S.canonical_prompts()]
     with torch.no_grad():
@@ -398,20 +400,21 @@ def test_l2_adversary_stays_in_its_ball_and_raises_the_loss(steps):
 
     model, _ = T.load_clip_from(MODELS)
     _, text, x, targets = _canonical_batch(12, 5)
+    with torch.no_grad():
+        ft = model.encode_text(text, normalize=True)
 
     def image_loss(images):
         with torch.no_grad():
             fi = model.encode_image(T._normalise(images), normalize=True)
-            ft = model.encode_text(text, normalize=True)
             return T._soft_contrastive_loss(fi, ft, targets, model.logit_scale.exp().clamp(max=100))[0]
 
     attack = T.l2_adversary(0.5, steps, generator=torch.Generator().manual_seed(1))
-    adv = attack(model, x, text, targets)
+    adv = attack(model, x, ft, targets)
     assert adv.shape == x.shape and float(adv.min()) >= 0 and float(adv.max()) <= 1
     assert float((adv - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
     assert float(image_loss(adv).mean()) > 2 * float(image_loss(x).mean()) + 1e-3  # small rises: the shipped CLIP is robust
     model.train()  # the attack runs in eval mode and restores the training mode
-    again = T.l2_adversary(0.5, steps, generator=torch.Generator().manual_seed(1))(model, x, text, targets)
+    again = T.l2_adversary(0.5, steps, generator=torch.Generator().manual_seed(1))(model, x, ft, targets)
     assert torch.equal(adv, again) and model.training
 
 

@@ -216,13 +216,13 @@ def _soft_contrastive_loss(fi, ft, targets, scale):
 def _soft_contrastive_step(model, opt, x, text, scenes, tmpl, n_real: int, adversary=None):
     """One CLIP training step with soft targets: a caption is positive for every image whose
     attributes it matches; the distractor images (rows from ``n_real``) match the neutral
-    captions (columns from ``n_real``).  With ``adversary(model, x, text, targets)`` -> images, the
+    captions (columns from ``n_real``).  With ``adversary(model, x, ft, targets)`` -> images (``ft``: the step's unit text features), the
     loss of the batch's adversarial images is added to the clean one (adversarial training that keeps
     the clean accuracy, as TRADES and TeCoA's clean term do)."""
     targets = _soft_targets(scenes[:n_real], tmpl, x.shape[0], text.shape[0])
     ft = model.encode_text(text, normalize=True)
     loss = 0
-    for images in [x] + ([adversary(model, x, text, targets)] if adversary is not None else []):
+    for images in [x] + ([adversary(model, x, ft.detach(), targets)] if adversary is not None else []):
         fi = model.encode_image(_normalise(images), normalize=True)
         li, lt = _soft_contrastive_loss(fi, ft, targets, model.logit_scale.exp().clamp(max=100))
         loss = loss + 0.5 * (li.mean() + lt.mean())
@@ -239,24 +239,23 @@ def l2_adversary(eps: float, steps: int = 1, step_size: float = 1.25, generator=
     gradients (Santurkar et al. 2019), which is what a generator optimising images against the CLIP follows."""
     import torch
 
-    def ball(d):  # project each image's perturbation onto the eps ball
-        norm = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return d * (eps / norm.clamp(min=eps))
+    def norms(d):  # per-image L2 norm, broadcastable over the image
+        return d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
 
-    def attack(model, x, text, targets):
+    def attack(model, x, ft, targets):  # ft: the captions' unit text features, fixed during the attack
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            ft = model.encode_text(text, normalize=True)
             scale = model.logit_scale.exp().clamp(max=100)
         d = torch.randn(x.shape, generator=generator)
-        d = d * (eps * torch.rand(x.shape[0], 1, 1, 1, generator=generator) / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        d = d * (eps * torch.rand(x.shape[0], 1, 1, 1, generator=generator) / norms(d))
         for _ in range(steps):
             d.requires_grad_(True)
             fi = model.encode_image(_normalise((x + d).clamp(0, 1)), normalize=True)
             (g,) = torch.autograd.grad(_soft_contrastive_loss(fi, ft, targets, scale)[0].sum(), d)
             with torch.no_grad():
-                d = ball(d + step_size * eps * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp(min=1e-12))
+                d = d + step_size * eps * g / norms(g).clamp(min=1e-12)
+                d = d * (eps / norms(d).clamp(min=eps))  # project onto the eps ball
                 d = (x + d).clamp(0, 1) - x
         model.train(was_training)
         return (x + d).detach()
