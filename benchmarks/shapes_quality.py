@@ -4,7 +4,9 @@ Runs every preset on held-out canonical prompts (never used for tuning) with the
 shipped shapes-world CLIP and dVAE, under the same step budget, and prints the
 pixel judge's match rates (colour, shape, background, all three), the CLIP
 similarity, the median steps to the first full match and seconds per prompt, and
-why the shape was missed (the judge's reason: frame, outline, pieces, ...).
+why the shape was missed (the judge's reason: frame, outline, pieces, ...), and whether
+each miss is the search's fault or the CLIP's (does the CLIP rate true renders of the
+prompt above the image, under the loop's own views?).
 
     python benchmarks/shapes_quality.py --prompts 32 --steps 300 --threads 2
 """
@@ -19,7 +21,7 @@ import torch
 from clipguide.decoders import DECODERS
 from clipguide.generation import load_models
 from clipguide.presets import PRESETS, get_preset
-from clipguide.shapes.quality import evaluate, prompt_split
+from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, prompt_split
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
 SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
@@ -65,6 +67,8 @@ def main(argv=None):
               f"{m['match_all']:7.3f} {m['clip_similarity']:7.3f} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
         if m["shape_failures"]:
             print(f"{'':20s} shape missed, by the judge's reason: {m['shape_failures']}", flush=True)
+        print(f"{'':20s} CLIP score of the image minus true renders under the loop's views: {m['search_gap']:+.3f}; "
+              f"misses by cause (search: renders beat it by > {SEARCH_MARGIN}; clip: they do not): {m['miss_causes']}", flush=True)
         rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}})
     if args.json:
         with open(args.json, "w") as f:

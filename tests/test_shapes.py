@@ -451,3 +451,27 @@ def test_rejudge_remeasures_the_decoders_and_keeps_the_first_figures(tmp_path, m
     assert rounded["judge_on_reconstructions"]["shape"] > sharp["judge_on_reconstructions"]["shape"]
     assert meta["metrics"]["judge_on_reconstructions_earlier_judge"] == (first or sharp["judge_on_reconstructions"])
     assert (tmp_path / "shapes-dvae.safetensors").read_bytes() == weights
+
+
+def test_search_gaps_tell_a_search_failure_from_an_image_the_clip_accepts(shapes_models):
+    """The benchmark's miss diagnosis: a true render of the prompt (other geometry than the reference renders) rates
+    within the margin of them; a flat background and the prompt's shape on the wrong background rate clearly below
+    (the CLIP prefers the real thing, so a loop ending there failed to search); the judge's misses are counted by cause."""
+    import torch
+
+    from clipguide.presets import get_preset
+    from clipguide.shapes import quality as Q
+
+    _, clip = shapes_models
+    cfg = get_preset("shapes").replace(batch=1)
+    prompt = ("a red circle on a blue background", ("red", "circle", "blue"))
+    scenes = [S.Scene("red", "circle", "blue", 0.45, 0.55, 0.55), S.Scene("red", "circle", "yellow", 0.45, 0.55, 0.55)]
+    images = S.to_tensor(S.render(scenes))
+    images = torch.stack([images[0], images[0, :, :1, :1].expand(3, 128, 128), images[1]])  # the middle one: flat blue
+    gaps = Q.search_gaps(cfg, clip, images, [prompt] * 3, renders=4, draws=2)
+    assert gaps[0] > -Q.SEARCH_MARGIN and gaps[1] < -3 * Q.SEARCH_MARGIN and gaps[2] < -Q.SEARCH_MARGIN, gaps
+    verdicts = J.judge_batch(images)
+    assert Q.miss_causes(gaps, verdicts, [prompt[1]] * 3) == {"search": 2, "clip": 0}
+    assert Q.miss_causes([0.0, 0.0, -1.0], verdicts, [prompt[1]] * 3) == {"search": 1, "clip": 1}
+    same = Q.view_score(cfg, clip, images[0], torch.nn.functional.normalize(clip.encode_text([prompt[0]]), dim=-1)[0], 2)
+    assert same == Q.view_score(cfg, clip, images[0], torch.nn.functional.normalize(clip.encode_text([prompt[0]]), dim=-1)[0], 2)

@@ -23,3 +23,25 @@ def test_short_default_run_moves_judged_attributes_toward_the_prompt(shapes_mode
     targets = [t for _, t in PAIRS]
     before, after = colour_and_background_rate(r.snapshots[0], targets), colour_and_background_rate(r.images, targets)
     assert after >= 0.75 and after > before, (before, after, [v.attributes for v in J.judge_batch(r.images)])
+
+
+def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path, capsys):
+    """benchmarks/shapes_quality.py on two held-out prompts for 3 steps: its json holds the judge's rates and one
+    cause ("search" or "clip") per missed run, and it prints both."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_quality.py"
+    out = tmp_path / "q.json"
+    argv = sys.argv
+    sys.argv = [str(script), "--prompts", "2", "--steps", "3", "--threads", "1", "--presets", "shapes", "--json", str(out)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    (row,) = json.loads(out.read_text())["rows"]
+    misses = round(2 * (1 - row["match_all"]))
+    assert sum(row["miss_causes"].values()) == misses and len(row["gaps"]) == 2, row
+    assert "misses by cause" in capsys.readouterr().out

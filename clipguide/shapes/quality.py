@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import judge as judge_mod
-from .scenes import canonical_prompts
+from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
 SPLIT_SEED = 2021
+SEARCH_MARGIN = 0.03  # true renders beating a missed image by more than this cosine: the search, not the CLIP, failed
 
 
 def prompt_split(seed: int = SPLIT_SEED) -> tuple[list, list]:
@@ -53,6 +54,44 @@ def shape_failures(verdicts, targets) -> dict[str, int]:
     return dict(sorted(Counter(cats).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def view_score(cfg, clip, image, text_features, draws: int = 4, seed: int = 0) -> float:
+    """The loop's objective for one image [3, H, W]: its mean cosine with the unit ``text_features`` over
+    ``draws`` sets of the run's own cutouts (``cfg``'s cutout law and augmentations), from a fixed generator."""
+    import torch
+
+    from ..cutouts import cut_run
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cuts = torch.cat([cut_run(image, cfg, clip.image_size, g) for _ in range(draws)])
+        return float((torch.nn.functional.normalize(clip.encode_image(cuts), dim=-1) @ text_features).mean())
+
+
+def search_gaps(cfg, clip, images, pairs, renders: int = 8, draws: int = 4) -> list[float]:
+    """Per run: how the CLIP rates its final image against true renders of its prompt, both under the loop's own
+    views (:func:`view_score`): the image's score minus the mean over ``renders`` scenes of the prompt's
+    attributes at random positions and sizes.  Clearly negative (below ``-SEARCH_MARGIN``): the CLIP prefers the
+    real thing, so the optimiser missed it (a search failure); near zero or above: the CLIP rates the image as
+    highly as the prompt itself, so no better search of this objective would fix a miss (a model failure).
+    Runs are in ``optimise`` order: each pair's ``cfg.batch`` seeds in turn."""
+    import torch
+
+    gaps = []
+    for k, (text, (colour, shape, background)) in enumerate(pairs):
+        ft = torch.nn.functional.normalize(clip.encode_text([text]).float(), dim=-1)[0]
+        truth = to_tensor(render(sample_scenes(renders, 9000 + k, colour=colour, shape=shape, background=background)))
+        base = float(np.mean([view_score(cfg, clip, x, ft, draws) for x in truth]))
+        for b in range(cfg.batch):
+            gaps.append(view_score(cfg, clip, images[k * cfg.batch + b].float().cpu(), ft, draws) - base)
+    return gaps
+
+
+def miss_causes(gaps, verdicts, targets) -> dict[str, int]:
+    """Runs missing any attribute, by whose failure it is (:func:`search_gaps`): "search" or "clip"."""
+    causes = ["search" if g < -SEARCH_MARGIN else "clip" for g, v, t in zip(gaps, verdicts, targets) if not v.all_match(*t)]
+    return {k: causes.count(k) for k in ("search", "clip")}
+
+
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
     from ..optimise import optimise
@@ -66,6 +105,7 @@ def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     verdicts = judge_mod.judge_batch(result.images)
     acc = judge_mod.accuracy(verdicts, targets)
     firsts = [s for s in tracker.first_match if s is not None]
+    gaps = search_gaps(cfg, clip, result.images, pairs)
     return {
         **{f"match_{k}": v for k, v in acc.items()},
         "clip_similarity": float(result.similarities[-1].mean()),
@@ -75,6 +115,9 @@ def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
         "seconds": seconds,
         "runs": len(targets),
         "shape_failures": shape_failures(verdicts, targets),
+        "search_gap": float(np.mean(gaps)),
+        "miss_causes": miss_causes(gaps, verdicts, targets),
+        "gaps": gaps,
         "verdicts": [v.attributes for v in verdicts],
         "result": result,
     }
