@@ -54,35 +54,36 @@ def shape_failures(verdicts, targets) -> dict[str, int]:
     return dict(sorted(Counter(cats).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def view_score(cfg, clip, image, text_features, draws: int = 4, seed: int = 0) -> float:
-    """The loop's objective for one image [3, H, W]: its mean cosine with the unit ``text_features`` over
-    ``draws`` sets of the run's own cutouts (``cfg``'s cutout law and augmentations), from a fixed generator."""
+def view_scores(cfg, clip, images, text_embed, draws: int = 4, seed: int = 0):
+    """The loop's objective for each image of [N, 3, H, W]: its mean cosine with ``text_embed`` [D] over ``draws``
+    sets of the loop's own cutouts (``cfg``'s cutout law and augmentations) -> [N].  Every image gets its own
+    generator seeded with ``seed``, so all of them are seen through the same views and their scores compare."""
     import torch
 
-    from ..cutouts import cut_run
+    from ..cutouts import make_cutouts
+    from ..losses import cosine_similarities
 
-    g = torch.Generator().manual_seed(seed)
+    images = images.to(clip.device)
+    gens = [torch.Generator().manual_seed(seed) for _ in images]
     with torch.no_grad():
-        cuts = torch.cat([cut_run(image, cfg, clip.image_size, g) for _ in range(draws)])
-        return float((torch.nn.functional.normalize(clip.encode_image(cuts), dim=-1) @ text_features).mean())
+        cuts = torch.cat([make_cutouts(images, cfg, clip.image_size, gens) for _ in range(draws)])  # [draws·N·cutn, ...]
+        emb = clip.encode_image(cuts).view(draws, len(images), cfg.cutn, -1).transpose(0, 1).flatten(1, 2)
+        return cosine_similarities(emb, text_embed.expand(len(images), 1, -1))[..., 0].mean(1).cpu()
 
 
 def search_gaps(cfg, clip, images, pairs, renders: int = 8, draws: int = 4) -> list[float]:
     """Per run: how the CLIP rates its final image against true renders of its prompt, both under the loop's own
-    views (:func:`view_score`): the image's score minus the mean over ``renders`` scenes of the prompt's
+    views (:func:`view_scores`): the image's score minus the mean over ``renders`` scenes of the prompt's
     attributes at random positions and sizes.  Clearly negative (below ``-SEARCH_MARGIN``): the CLIP prefers the
     real thing, so the optimiser missed it (a search failure); near zero or above: the CLIP rates the image as
     highly as the prompt itself, so no better search of this objective would fix a miss (a model failure).
     Runs are in ``optimise`` order: each pair's ``cfg.batch`` seeds in turn."""
-    import torch
-
     gaps = []
     for k, (text, (colour, shape, background)) in enumerate(pairs):
-        ft = torch.nn.functional.normalize(clip.encode_text([text]).float(), dim=-1)[0]
+        embed = clip.encode_text([text])[0]
         truth = to_tensor(render(sample_scenes(renders, 9000 + k, colour=colour, shape=shape, background=background)))
-        base = float(np.mean([view_score(cfg, clip, x, ft, draws) for x in truth]))
-        for b in range(cfg.batch):
-            gaps.append(view_score(cfg, clip, images[k * cfg.batch + b].float().cpu(), ft, draws) - base)
+        runs = images[k * cfg.batch : (k + 1) * cfg.batch]
+        gaps += (view_scores(cfg, clip, runs, embed, draws) - view_scores(cfg, clip, truth, embed, draws).mean()).tolist()
     return gaps
 
 
