@@ -313,6 +313,31 @@ def test_clipgen_stage_trains_the_clip_against_the_generation_loop(tmp_path):
     assert "stage 3 (clipgen" in (tmp_path / "MODEL_CARD.md").read_text()
 
 
+def test_cliploop_stage_trains_the_robust_clip_on_whole_default_runs_of_unevaluated_tuning_prompts(tmp_path):
+    """The experimental cliploop stage: the default preset's runs guided by the CLIP it trains, trained on from a
+    given step with the attack, frame-cut negatives and replay; its prompts are tuning prompts the ablations and the
+    held-out benchmark never evaluate (a short run on copies of the shipped models)."""
+    import json
+    import shutil
+
+    from clipguide.decoders import PACKAGE_DIR
+    from clipguide.shapes import train as T
+    from clipguide.shapes.quality import prompt_split
+
+    tune, held = prompt_split()
+    assert not {p for p, _ in T._loop_prompts()} & {p for p, _ in held + tune[:32]} and len(T._loop_prompts()) == 52
+    for name in ("shapes-clip.json", "shapes-clip.safetensors", "shapes-dvae.json", "shapes-dvae.safetensors"):
+        shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
+    before = (tmp_path / "shapes-clip.safetensors").read_bytes()
+    meta = T.finetune_clip_loop(tmp_path, steps=3, run_steps=3, from_step=2, frame_cut=2, replay=2)
+    ft = meta["finetune_loop"]
+    assert ft["steps"] == 3 and ft["from_step"] == 2 and ft["eps"] == 0.5 and ft["rounds_of"] == 3
+    assert json.loads((tmp_path / "shapes-clip.json").read_text())["finetune_loop"]["replay"] == 2
+    assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
+    T.write_model_card(tmp_path)
+    assert "stage 5 (cliploop" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
 def test_frame_cut_scenes_cross_the_frame_and_the_judge_sees_no_shape():
     from clipguide.shapes import judge as J
     from clipguide.shapes.scenes import render_frame_cut

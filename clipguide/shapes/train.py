@@ -32,13 +32,14 @@ KINDS = ("clip", "dvae", "vqgan")
 # clipft: CLIP fine-tune against dVAE-decoded adversarial images; clipframe: then with frame-cut shapes as negatives;
 # cliprobust: then adversarially (L2 PGD/FGSM in pixel space), for perceptually aligned gradients
 SHIPPED_STAGES = ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust")
-STAGES = SHIPPED_STAGES + ("clipgen", "clipnear")  # experimental, not shipped: CLIP fine-tunes against the generation loop's images, near misses
+STAGES = SHIPPED_STAGES + ("clipgen", "clipnear", "cliploop")  # experimental, not shipped: CLIP fine-tunes against the generation loop's images, near misses, whole robust runs
 
-# Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
+# Reference step rates (steps per minute, 1 thread, reference machine; cliploop's measured with 2-3 processes on its 2 cores)
+# and default budgets (minutes).
 STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0, "clipgen": 27.0,
-                 "clipframe": 150.0, "clipnear": 50.0, "cliprobust": 55.0}
+                 "clipframe": 150.0, "clipnear": 50.0, "cliprobust": 55.0, "cliploop": 13.8}
 DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0, "clipgen": 15.0, "clipframe": 1.0,
-                   "clipnear": 8.0, "cliprobust": 11.0}
+                   "clipnear": 8.0, "cliprobust": 11.0, "cliploop": 29.0}
 
 ROBUSTNESS_STEPS = 150  # pixel-space robustness check length (module constant so smoke tests can shorten it)
 ROBUST_POLISH_STEPS = 150  # clean steps after cliprobust's adversarial ones (likewise a module constant)
@@ -589,16 +590,19 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
 
 
 def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, batch: int = 64, n_neg: int = 16,
-                             pool: int = 8, rounds_of: int = 80, lr: float = 1e-4, guide_pyramid: tuple = (2, 4),
-                             log_every: int = 20) -> dict:
-    """Experimental stage 3 of the CLIP (not in the shipped run): fine-tune against the images of
+                             pool: int = 8, rounds_of: int = 80, lr: float = 1e-4, guide_pyramid: tuple | None = (2, 4),
+                             log_every: int = 20, loop: dict | None = None) -> dict:
+    """Experimental stage of the CLIP (not in the shipped run): fine-tune against the images of
     clipguide's own generation loop.
 
-    ``pool`` runs of the default preset with ``guide_pyramid`` (random canonical prompts, the shipped
+    ``pool`` runs of the default preset with ``guide_pyramid`` (None: the preset's; random canonical prompts, the shipped
     dVAE, THIS CLIP as the guide) are optimised by :func:`clipguide.optimise` in rounds of ``rounds_of`` steps; at every
     generation step the CLIP takes one soft-contrastive training step in which the runs' current
     images are negatives (neutral captions) unless the judge says they show their prompt.  The
-    guide and the model being trained are the same object, so the attack follows the training.
+    guide and the model being trained are the same object, so the attack follows the training
+    (a discriminator trained on its generator's samples, as in GANs, Goodfellow et al. 2014).
+    ``loop``: the keyword arguments of the ``cliploop`` variant (see :data:`LOOP_STAGE`), recorded as ``finetune_loop``.
+    The loop encodes its prompts once per round, so within a round it follows the text tower of the round's start.
     Needs shapes-clip.* and shapes-dvae.* in ``out_dir``; rewrites shapes-clip.*.
     """
     import torch
@@ -608,27 +612,38 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
     from ..optimise import optimise
     from ..presets import get_preset
 
-    torch.manual_seed(seed + 5)
-    gen = torch.Generator().manual_seed(seed + 5)
-    rng = np.random.default_rng(seed + 5)
+    lp = dict(LOOP_STAGE, **loop) if loop is not None else {"from_step": 1, "eps": 0.0, "frame_cut": 0, "replay": 0, "run_steps": None}
+    offset, seed_base = (23, 1000) if loop is not None else (5, 0)  # the cliploop run's own seeds
+    torch.manual_seed(seed + offset)
+    gen = torch.Generator().manual_seed(seed + offset)
+    rng = np.random.default_rng(seed + offset)
     clip = load_clip(str(Path(out_dir) / "shapes-clip.json"))
     model, meta = clip.model, json.loads((Path(out_dir) / "shapes-clip.json").read_text())
     decoder = load_decoder(str(Path(out_dir) / "shapes-dvae.json"))
-    prompts = S.canonical_prompts()
+    prompts = _loop_prompts() if loop is not None else S.canonical_prompts()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
-    t0, hist, counts = time.time(), [], {"dropped": 0, "step": 0}
+    adversary = l2_adversary(lp["eps"], 1, generator=gen) if lp["eps"] else None
+    t0, hist, counts, replay = time.time(), [], {"dropped": 0, "step": 0}, []
 
     def train_on(state):
         k = counts["step"]
-        if state.step == 0 or k >= steps:
+        if state.step < lp["from_step"] or k >= steps:
             return
         for gp in opt.param_groups:
             gp["lr"] = _lr(k, steps, lr, warmup=10)
         images, targets = state.image(), [prompts[i][1] for i in chosen]
         keep = [i for i, t in enumerate(targets) if not J.judge(images[i]).all_match(*t)]
         counts["dropped"] += len(targets) - len(keep)
+        negatives = [images[keep]]
+        if replay:  # earlier steps' and rounds' images too, so that the CLIP does not forget them (Shrivastava et al. 2017)
+            negatives.append(torch.stack([replay[i] for i in rng.choice(len(replay), min(lp["replay"], len(replay)), replace=False)]))
+        if lp["replay"]:
+            replay[:] = (replay + [images[i].clone() for i in keep])[-REPLAY_KEEP:]
+        if lp["frame_cut"]:
+            negatives.insert(0, S.to_tensor(S.render_frame_cut(lp["frame_cut"], rng, 128)))
         model.requires_grad_(True).train()
-        hist.append(_step_with_negatives(model, opt, images[keep], batch, n_neg, rng, gen).item())
+        hist.append(_step_with_negatives(model, opt, torch.cat(negatives), batch, n_neg, rng, gen,
+                                         adversary=adversary).item())
         model.requires_grad_(False).eval()
         clip.forget_texts()  # the text tower moved
         counts["step"] = k + 1
@@ -637,22 +652,45 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
                  f"guide sim {float(state.similarity.mean()):.3f} dropped {counts['dropped']} "
                  f"{(time.time() - t0) / counts['step']:.3f}s/step")
 
-    rounds_of = min(rounds_of, steps)
-    base = get_preset("shapes").replace(steps=rounds_of, pyramid=guide_pyramid)
-    for r in range(math.ceil(steps / rounds_of)):
+    base = get_preset("shapes")
+    run_steps = (lp["run_steps"] or base.steps) if loop is not None else min(rounds_of, steps)
+    base = base.replace(steps=run_steps, **({"pyramid": guide_pyramid} if guide_pyramid is not None else {}))
+    per_round = run_steps - max(lp["from_step"], 1) + 1
+    for r in range(math.ceil(steps / per_round)):
         chosen = rng.choice(len(prompts), size=pool, replace=False).tolist()
-        cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(seed * 1000 + r * pool))
+        cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(seed_base + seed * 1000 + r * pool))
         optimise(cfg, decoder, clip, train_on)
     train_s = time.time() - t0
     zs, sd = _finish_clip(model, "clip-gen")
     meta["metrics"] = dict(meta.get("metrics", {}), zero_shot_300=zs,
                            before_generation_finetune=meta.get("metrics", {}).get("zero_shot_300"))
-    meta["finetune_generation"] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool,
-                                   "rounds_of": rounds_of, "lr": lr, "dropped_as_genuine": counts["dropped"],
-                                   "guide": f"the 'shapes' preset with pyramid {list(guide_pyramid)}", "seed": seed,
-                                   "seconds": round(train_s, 1), "trained_by": _COMMAND[0]}
+    guide = "the 'shapes' preset" + (f" with pyramid {list(guide_pyramid)}" if guide_pyramid is not None else "")
+    meta["finetune_loop" if loop is not None else "finetune_generation"] = {
+        "steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool, "rounds_of": run_steps, "lr": lr,
+        "dropped_as_genuine": counts["dropped"], "guide": guide, "seed": seed, "seconds": round(train_s, 1),
+        **({k: lp[k] for k in LOOP_STAGE} if loop is not None else {}), "trained_by": _COMMAND[0]}
     _save(out_dir, "shapes-clip", sd, meta)
     return meta
+
+
+# The cliploop variant of the generation stage: full default runs, trained on from the step where shapes form, with the
+# robust stage's attack, its frame-cut negatives and a replay of earlier images kept on.
+LOOP_STAGE = {"from_step": 100, "eps": 0.5, "frame_cut": 16, "replay": 8, "run_steps": None}  # None: the preset's steps
+REPLAY_KEEP = 400  # images the replay keeps (the latest)
+LOOP_PROMPTS = slice(32, None)  # of the tuning half: never a held-out prompt, nor the tuning prompts 0-31 the ablations evaluate
+
+
+def _loop_prompts() -> list:
+    from .quality import prompt_split
+
+    return prompt_split()[0][LOOP_PROMPTS]
+
+
+def finetune_clip_loop(out_dir: Path, seed: int = 0, steps: int = 400, lr: float = 1e-4, **loop) -> dict:
+    """Experimental CLIP stage (not shipped): :func:`finetune_clip_generation` on the images of whole default runs
+    (300 steps, trained on from ``LOOP_STAGE['from_step']``), adversarially as in cliprobust, with frame-cut negatives
+    and a replay of earlier rounds' images; the prompts are tuning prompts the ablations do not evaluate."""
+    return finetune_clip_generation(out_dir, seed=seed, steps=steps, lr=lr, guide_pyramid=None, loop=loop)
 
 
 def finetune_clip_frame(out_dir: Path, seed: int = 0, steps: int = 150, batch: int = 64, n_neg: int = 16,
@@ -1207,6 +1245,16 @@ def write_model_card(out_dir: Path) -> Path:
                         f"seeds each round), fed back as negatives ({ft['dropped_as_genuine']} dropped because the "
                         f"judge found the prompt drawn); {ft['seconds'] / 60:.1f} min on 1 thread.",
                         f"- before stage 3: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
+        if "finetune_loop" in m:
+            ft = m["finetune_loop"]
+            L[-1:-1] = [_last_clip_stage("cliploop", 5, robust="4" if "finetune_robust" in m else "2")
+                        + f"{ft['steps']} steps, lr {ft['lr']}, {ft['batch_real']} scenes + {ft['batch_distractors']} "
+                        f"distractors + {ft['frame_cut']} frame-cut scenes + the current images of {ft['pool']} runs of "
+                        f"{ft['guide']} ({ft['rounds_of']} steps, trained on from step {ft['from_step']}, tuning prompts "
+                        f"no ablation evaluates) guided by this CLIP itself + {ft['replay']} of their earlier images, as "
+                        f"negatives ({ft['dropped_as_genuine']} dropped because the judge found the prompt drawn), every "
+                        f"batch also as its adversarial images (L2 radius {ft['eps']}); {ft['seconds'] / 60:.1f} min on 1 thread.",
+                        f"- before stage 5: zero-shot {json.dumps(m['metrics'].get('before_generation_finetune'))}"]
         negative_stages = (
             ("frame", "clipframe", 3, lambda ft: f"{ft['frame_cut']} scenes whose shape is cut by the frame, as negatives"),
             ("robust", "cliprobust", 4, lambda ft: f"{ft['frame_cut']} frame-cut scenes as negatives, every batch trained "
@@ -1284,7 +1332,8 @@ def train_shapes(out_dir: str | Path | None = None, seed: int = 0, only=SHIPPED_
         fn = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
               "vqganft": lambda o, seed, steps: train_vqgan(o, seed=seed, steps=steps, lr=8e-4, resume=True),
               "clipft": finetune_clip_dvae_adversarial, "clipgen": finetune_clip_generation,
-              "clipframe": finetune_clip_frame, "clipnear": finetune_clip_near, "cliprobust": finetune_clip_robust}[k]
+              "clipframe": finetune_clip_frame, "clipnear": finetune_clip_near, "cliprobust": finetune_clip_robust,
+              "cliploop": finetune_clip_loop}[k]
         res[k] = fn(out, seed=seed, steps=n)
     write_model_card(out)
     return res
@@ -1300,7 +1349,7 @@ def main(argv=None) -> int:
                          "--out; clipframe then fine-tunes it with shapes cut by the frame as negatives; cliprobust then "
                          "fine-tunes it adversarially, L2 pixel-space attacks); experimental, not shipped: "
                          "clipgen fine-tunes the CLIP against the generation loop's own images, clipnear with near "
-                         "misses of the scenes as negatives")
+                         "misses of the scenes as negatives, cliploop against whole default runs, adversarially")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
