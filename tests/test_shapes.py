@@ -325,11 +325,11 @@ def test_cliploop_stage_trains_the_robust_clip_on_whole_default_runs_of_unevalua
     from clipguide.shapes.quality import prompt_split
 
     tune, held = prompt_split()
-    assert not {p for p, _ in T._loop_prompts()} & {p for p, _ in held + tune[:32]} and len(T._loop_prompts()) == 52
+    assert not {p for p, _ in T.unevaluated_tuning_prompts()} & {p for p, _ in held + tune[:32]} and len(T.unevaluated_tuning_prompts()) == 52
     for name in ("shapes-clip.json", "shapes-clip.safetensors", "shapes-dvae.json", "shapes-dvae.safetensors"):
         shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
     before = (tmp_path / "shapes-clip.safetensors").read_bytes()
-    meta = T.finetune_clip_loop(tmp_path, steps=3, run_steps=3, from_step=2, frame_cut=2, replay=2)
+    meta = T.finetune_clip_loop(tmp_path, steps=3, rounds_of=3, from_step=2, frame_cut=2, replay=2)
     ft = meta["finetune_loop"]
     assert ft["steps"] == 3 and ft["from_step"] == 2 and ft["eps"] == 0.5 and ft["rounds_of"] == 3
     assert json.loads((tmp_path / "shapes-clip.json").read_text())["finetune_loop"]["replay"] == 2

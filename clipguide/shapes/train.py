@@ -589,19 +589,40 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
     return meta
 
 
+def unevaluated_tuning_prompts() -> list:
+    """Tuning prompts 32-83: never a held-out prompt, nor the tuning prompts 0-31 that the ablations evaluate."""
+    from .quality import prompt_split
+
+    return prompt_split()[0][32:]
+
+
+# The CLIP stages trained against the generation loop, as data (keyword arguments of finetune_clip_generation):
+# clipgen (second round): short rounds of the preset with a fixed pyramid, every step, plain contrastive steps;
+# cliploop (eighth round): whole default runs from the step where shapes form, with the robust stage's attack, its
+# frame-cut negatives and a replay of earlier images, on prompts no ablation evaluates.
+LOOP_RECIPES = {
+    "clipgen": {"record": "finetune_generation", "offset": 5, "seed_base": 0, "prompts": S.canonical_prompts,
+                "rounds_of": 80, "guide_pyramid": (2, 4), "from_step": 1, "eps": 0.0, "frame_cut": 0, "replay": 0},
+    "cliploop": {"record": "finetune_loop", "offset": 23, "seed_base": 1000, "prompts": unevaluated_tuning_prompts,
+                 "rounds_of": None, "guide_pyramid": None, "from_step": 100, "eps": 0.5, "frame_cut": 16, "replay": 8},
+}
+REPLAY_KEEP = 400  # images the replay keeps (the latest)
+
+
 def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, batch: int = 64, n_neg: int = 16,
-                             pool: int = 8, rounds_of: int = 80, lr: float = 1e-4, guide_pyramid: tuple | None = (2, 4),
-                             log_every: int = 20, loop: dict | None = None) -> dict:
-    """Experimental stage of the CLIP (not in the shipped run): fine-tune against the images of
+                             pool: int = 8, lr: float = 1e-4, log_every: int = 20, recipe: str = "clipgen",
+                             **overrides) -> dict:
+    """Experimental stages of the CLIP (not in the shipped run): fine-tune against the images of
     clipguide's own generation loop.
 
-    ``pool`` runs of the default preset with ``guide_pyramid`` (None: the preset's; random canonical prompts, the shipped
-    dVAE, THIS CLIP as the guide) are optimised by :func:`clipguide.optimise` in rounds of ``rounds_of`` steps; at every
-    generation step the CLIP takes one soft-contrastive training step in which the runs' current
-    images are negatives (neutral captions) unless the judge says they show their prompt.  The
-    guide and the model being trained are the same object, so the attack follows the training
+    ``pool`` runs of the default preset (with ``guide_pyramid``, None: the preset's; prompts from ``prompts()``, the
+    shipped dVAE, THIS CLIP as the guide) are optimised by :func:`clipguide.optimise` in rounds of ``rounds_of`` steps
+    (None: the preset's); at every generation step from ``from_step`` on, the CLIP takes one soft-contrastive training
+    step in which the runs' current images are negatives (neutral captions) unless the judge says they show their
+    prompt, with ``frame_cut`` frame-cut scenes, ``replay`` earlier images and, if ``eps``, the robust stage's attack.
+    The guide and the model being trained are the same object, so the attack follows the training
     (a discriminator trained on its generator's samples, as in GANs, Goodfellow et al. 2014).
-    ``loop``: the keyword arguments of the ``cliploop`` variant (see :data:`LOOP_STAGE`), recorded as ``finetune_loop``.
+    ``recipe``: a row of :data:`LOOP_RECIPES`, whose fields ``overrides`` may change; recorded under its ``record``.
     The loop encodes its prompts once per round, so within a round it follows the text tower of the round's start.
     Needs shapes-clip.* and shapes-dvae.* in ``out_dir``; rewrites shapes-clip.*.
     """
@@ -612,22 +633,21 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
     from ..optimise import optimise
     from ..presets import get_preset
 
-    lp = dict(LOOP_STAGE, **loop) if loop is not None else {"from_step": 1, "eps": 0.0, "frame_cut": 0, "replay": 0, "run_steps": None}
-    offset, seed_base = (23, 1000) if loop is not None else (5, 0)  # the cliploop run's own seeds
-    torch.manual_seed(seed + offset)
-    gen = torch.Generator().manual_seed(seed + offset)
-    rng = np.random.default_rng(seed + offset)
+    rc = dict(LOOP_RECIPES[recipe], **overrides)
+    torch.manual_seed(seed + rc["offset"])
+    gen = torch.Generator().manual_seed(seed + rc["offset"])
+    rng = np.random.default_rng(seed + rc["offset"])
     clip = load_clip(str(Path(out_dir) / "shapes-clip.json"))
     model, meta = clip.model, json.loads((Path(out_dir) / "shapes-clip.json").read_text())
     decoder = load_decoder(str(Path(out_dir) / "shapes-dvae.json"))
-    prompts = _loop_prompts() if loop is not None else S.canonical_prompts()
+    prompts = rc["prompts"]()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
-    adversary = l2_adversary(lp["eps"], 1, generator=gen) if lp["eps"] else None
+    adversary = l2_adversary(rc["eps"], 1, generator=gen) if rc["eps"] else None
     t0, hist, counts, replay = time.time(), [], {"dropped": 0, "step": 0}, []
 
     def train_on(state):
         k = counts["step"]
-        if state.step < lp["from_step"] or k >= steps:
+        if state.step < rc["from_step"] or k >= steps:
             return
         for gp in opt.param_groups:
             gp["lr"] = _lr(k, steps, lr, warmup=10)
@@ -636,11 +656,11 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
         counts["dropped"] += len(targets) - len(keep)
         negatives = [images[keep]]
         if replay:  # earlier steps' and rounds' images too, so that the CLIP does not forget them (Shrivastava et al. 2017)
-            negatives.append(torch.stack([replay[i] for i in rng.choice(len(replay), min(lp["replay"], len(replay)), replace=False)]))
-        if lp["replay"]:
+            negatives.append(torch.stack([replay[i] for i in rng.choice(len(replay), min(rc["replay"], len(replay)), replace=False)]))
+        if rc["replay"]:
             replay[:] = (replay + [images[i].clone() for i in keep])[-REPLAY_KEEP:]
-        if lp["frame_cut"]:
-            negatives.insert(0, S.to_tensor(S.render_frame_cut(lp["frame_cut"], rng, 128)))
+        if rc["frame_cut"]:
+            negatives.insert(0, S.to_tensor(S.render_frame_cut(rc["frame_cut"], rng, 128)))
         model.requires_grad_(True).train()
         hist.append(_step_with_negatives(model, opt, torch.cat(negatives), batch, n_neg, rng, gen,
                                          adversary=adversary).item())
@@ -653,44 +673,29 @@ def finetune_clip_generation(out_dir: Path, seed: int = 0, steps: int = 200, bat
                  f"{(time.time() - t0) / counts['step']:.3f}s/step")
 
     base = get_preset("shapes")
-    run_steps = (lp["run_steps"] or base.steps) if loop is not None else min(rounds_of, steps)
-    base = base.replace(steps=run_steps, **({"pyramid": guide_pyramid} if guide_pyramid is not None else {}))
-    per_round = run_steps - max(lp["from_step"], 1) + 1
-    for r in range(math.ceil(steps / per_round)):
+    rounds_of = min(rc["rounds_of"] or base.steps, steps)
+    pyramid = rc["guide_pyramid"]
+    base = base.replace(steps=rounds_of, **({"pyramid": pyramid} if pyramid is not None else {}))
+    for r in range(math.ceil(steps / (rounds_of - max(rc["from_step"], 1) + 1))):  # callbacks see steps 0..rounds_of
         chosen = rng.choice(len(prompts), size=pool, replace=False).tolist()
-        cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(seed_base + seed * 1000 + r * pool))
+        cfg = base.replace(prompts=tuple(prompts[i][0] for i in chosen), seed=int(rc["seed_base"] + seed * 1000 + r * pool))
         optimise(cfg, decoder, clip, train_on)
     train_s = time.time() - t0
     zs, sd = _finish_clip(model, "clip-gen")
     meta["metrics"] = dict(meta.get("metrics", {}), zero_shot_300=zs,
                            before_generation_finetune=meta.get("metrics", {}).get("zero_shot_300"))
-    guide = "the 'shapes' preset" + (f" with pyramid {list(guide_pyramid)}" if guide_pyramid is not None else "")
-    meta["finetune_loop" if loop is not None else "finetune_generation"] = {
-        "steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool, "rounds_of": run_steps, "lr": lr,
-        "dropped_as_genuine": counts["dropped"], "guide": guide, "seed": seed, "seconds": round(train_s, 1),
-        **({k: lp[k] for k in LOOP_STAGE} if loop is not None else {}), "trained_by": _COMMAND[0]}
+    meta[rc["record"]] = {"steps": steps, "batch_real": batch, "batch_distractors": n_neg, "pool": pool,
+                          "rounds_of": rounds_of, "lr": lr, "dropped_as_genuine": counts["dropped"],
+                          "guide": "the 'shapes' preset" + (f" with pyramid {list(pyramid)}" if pyramid is not None else ""),
+                          **{k: rc[k] for k in ("from_step", "eps", "frame_cut", "replay")}, "seed": seed,
+                          "seconds": round(train_s, 1), "trained_by": _COMMAND[0]}
     _save(out_dir, "shapes-clip", sd, meta)
     return meta
 
 
-# The cliploop variant of the generation stage: full default runs, trained on from the step where shapes form, with the
-# robust stage's attack, its frame-cut negatives and a replay of earlier images kept on.
-LOOP_STAGE = {"from_step": 100, "eps": 0.5, "frame_cut": 16, "replay": 8, "run_steps": None}  # None: the preset's steps
-REPLAY_KEEP = 400  # images the replay keeps (the latest)
-LOOP_PROMPTS = slice(32, None)  # of the tuning half: never a held-out prompt, nor the tuning prompts 0-31 the ablations evaluate
-
-
-def _loop_prompts() -> list:
-    from .quality import prompt_split
-
-    return prompt_split()[0][LOOP_PROMPTS]
-
-
-def finetune_clip_loop(out_dir: Path, seed: int = 0, steps: int = 400, lr: float = 1e-4, **loop) -> dict:
-    """Experimental CLIP stage (not shipped): :func:`finetune_clip_generation` on the images of whole default runs
-    (300 steps, trained on from ``LOOP_STAGE['from_step']``), adversarially as in cliprobust, with frame-cut negatives
-    and a replay of earlier rounds' images; the prompts are tuning prompts the ablations do not evaluate."""
-    return finetune_clip_generation(out_dir, seed=seed, steps=steps, lr=lr, guide_pyramid=None, loop=loop)
+def finetune_clip_loop(out_dir: Path, seed: int = 0, steps: int = 400, **kw) -> dict:
+    """Experimental CLIP stage (not shipped): the ``cliploop`` recipe of :func:`finetune_clip_generation`."""
+    return finetune_clip_generation(out_dir, seed=seed, steps=steps, recipe="cliploop", **kw)
 
 
 def finetune_clip_frame(out_dir: Path, seed: int = 0, steps: int = 150, batch: int = 64, n_neg: int = 16,
