@@ -155,7 +155,11 @@ def resolve_clip(clip, device: str = "cpu"):
     if isinstance(clip, str):
         from .generation import cached_clip
 
-        return cached_clip(clip, device)
+        clip = cached_clip(clip, device)
+    if not hasattr(clip, "model"):  # a ClipEnsemble: its members' logit scales and label spaces differ
+        first = clip.members[0].name
+        raise ConfigError(f"auditing reads one CLIP, not the ensemble {clip.name}: give one of its members, "
+                          f"e.g. --clip {first} (for the output filter of a run: --filter-clip {first})")
     return clip
 
 

@@ -49,7 +49,7 @@ class RunConfig:
     # models
     decoder: str = _f("shapes-dvae", "decoder: a name (clipguide models lists them: shapes-dvae, shapes-vqgan, dalle, vqgan-...) "
                       "or a path (decoder.pkl, model .json, taming CONFIG.yaml[:CHECKPOINT.ckpt])")
-    clip: str = _f("shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json")
+    clip: str = _f("shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json; A+B guides with several")
     device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
     precision: str = _f("fp32", "arithmetic of the decoder and CLIP: fp32 (as the originals) or bf16 (latents, loss and "
                         "optimiser stay fp32; about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs)", PRECISIONS)

@@ -240,3 +240,48 @@ def test_encode_image_is_differentiable_and_resizes(tiny):
 def test_to_moves_the_cache(tiny):
     tiny.encode_text(["x"])
     assert tiny.to("cpu") is tiny and tiny.encode_text(["x"]).device.type == "cpu"
+
+
+# --- ensembles --------------------------------------------------------------------------------
+
+
+def test_ensemble_scores_the_mean_of_its_members_cosines(tiny_json, tiny):
+    shapes = clip.load_clip("shapes")
+    both = clip.load_clip(f"{tiny_json[1]}+shapes")
+    assert isinstance(both, clip.ClipEnsemble) and both.name == f"{tiny_json[1]}+shapes"
+    assert (both.embed_dim, both.image_size) == (32 + 128, 64)  # cutouts at the larger input; tiny resizes down
+    assert both.sha256 == f"{tiny.sha256}+{shapes.sha256}"
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    texts = ["a red circle on a blue background", "a green star"]
+    cos = both.encode_image(images) @ both.encode_text(texts).T
+
+    def cosines(member):
+        return torch.nn.functional.normalize(member.encode_image(images), dim=-1) @ \
+            torch.nn.functional.normalize(member.encode_text(texts), dim=-1).T
+
+    torch.testing.assert_close(cos, (cosines(tiny) + cosines(shapes)) / 2)
+    cos.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert both.cast(torch.float32) is both and both.encode_text([]).shape == (0, 160)
+
+
+def test_ensemble_spec_with_an_empty_member_names_the_fix():
+    with pytest.raises(ConfigError) as err:
+        clip.load_clip("shapes+")
+    _assert_one_line(err, "'shapes+'", "empty member", "shapes+ViT-B-32/openai")
+
+
+def test_a_path_with_a_plus_is_one_clip(tiny_json, tmp_path):
+    odd = tmp_path / "a+b"
+    odd.mkdir()
+    for suffix in (".json", ".safetensors"):
+        (odd / f"tiny{suffix}").write_bytes(tiny_json[1].with_suffix(suffix).read_bytes())
+    assert isinstance(clip.load_clip(str(odd / "tiny.json")), clip.Clip)
+
+
+def test_audits_refuse_an_ensemble_and_name_a_member():
+    from clipguide.classification import resolve_clip
+
+    with pytest.raises(ConfigError) as err:
+        resolve_clip("shapes+shapes")
+    _assert_one_line(err, "ensemble shapes+shapes", "--filter-clip shapes")

@@ -1,5 +1,7 @@
 """Behaviour of the default recipe on the shipped shapes world, judged on pixels (no CLIP)."""
 
+import torch
+
 from clipguide import get_preset, optimise
 from clipguide.shapes import judge as J
 
@@ -45,3 +47,14 @@ def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path
     misses = round(2 * (1 - row["match_all"]))
     assert sum(row["miss_causes"].values()) == misses and len(row["gaps"]) == 2, row
     assert "misses by cause" in capsys.readouterr().out
+
+
+def test_an_ensemble_of_one_clip_with_itself_guides_like_that_clip(shapes_models):
+    """The ensemble's score is the mean of its members' cosines: twice the same CLIP is that CLIP."""
+    from clipguide.clip import load_clip
+
+    cfg = get_preset("shapes").replace(prompts=("a red circle on a blue background",), steps=4)
+    decoder, single = shapes_models
+    one = optimise(cfg, decoder, single)
+    two = optimise(cfg, decoder, load_clip("shapes+shapes"))
+    torch.testing.assert_close(two.similarities, one.similarities, atol=2e-5, rtol=0)
