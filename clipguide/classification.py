@@ -152,11 +152,13 @@ def _is_items(images) -> bool:
 
 def resolve_clip(clip, device: str = "cpu"):
     """A :class:`~clipguide.clip.Clip` from a spec (loaded once per process) or a Clip as is."""
+    from .clip import ClipEnsemble
+
     if isinstance(clip, str):
         from .generation import cached_clip
 
         clip = cached_clip(clip, device)
-    if not hasattr(clip, "model"):  # a ClipEnsemble: its members' logit scales and label spaces differ
+    if isinstance(clip, ClipEnsemble):  # its members' logit scales and label spaces differ
         first = clip.members[0].name
         raise ConfigError(f"auditing reads one CLIP, not the ensemble {clip.name}: give one of its members, "
                           f"e.g. --clip {first} (for the output filter of a run: --filter-clip {first})")

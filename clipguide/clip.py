@@ -218,11 +218,14 @@ class ClipEnsemble:
         return self.members[0].dtype
 
     def cast(self, dtype: torch.dtype, in_place: bool = False) -> "ClipEnsemble":
+        """The members cast as :meth:`Clip.cast` casts one (a copy unless ``in_place``)."""
+        if all(m.dtype == dtype for m in self.members):
+            return self
         cast = [m.cast(dtype, in_place) for m in self.members]
         if in_place:
             self.members = cast
             return self
-        return self if all(c is m for c, m in zip(cast, self.members)) else ClipEnsemble(cast)
+        return ClipEnsemble(cast)
 
 
 def load_clip(spec: str, device="cpu") -> Clip | ClipEnsemble:
