@@ -85,6 +85,8 @@ class RunConfig:
     cut_flip: bool = _f(False, "random horizontal flips of the cutouts")
     cut_affine: float = _f(0.0, "random rotation of each cutout by up to ± this many degrees, and a shift of up to degrees/3 %")
     cut_whole: float = _f(0.0, "fraction of the cutouts that show the whole image")
+    cut_mirror: float = _f(0.0, "the whole-image views zoom out by up to this fraction of the side (below 1), at a random "
+                           "offset, the image mirrored beyond its edges: a shape that touches the frame is seen doubled")
     cut_roll: int = _f(0, "shift the image circularly by up to ± this many pixels before the cutouts (DeepDream's jitter)")
     # loss
     loss: str = _f("spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
@@ -126,6 +128,8 @@ class RunConfig:
             raise ConfigError(f"--pyramid-every needs --pyramid (e.g. --pyramid 2,4) and 0 or more steps, got {self.pyramid_every}")
         if self.cut_roll < 0:
             raise ConfigError(f"--cut-roll must be 0 (off) or a number of pixels, got {self.cut_roll}")
+        if not 0 <= self.cut_mirror < 1 or (self.cut_mirror and not self.cut_whole):
+            raise ConfigError(f"--cut-mirror needs --cut-whole (the views it zooms out) and a value in [0, 1), got {self.cut_mirror}")
         if self.cut_batch < 0:
             raise ConfigError(f"--cut-batch must be 0 (all cutouts at once) or a positive count, got {self.cut_batch}")
         if self.size < 8:

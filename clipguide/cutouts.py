@@ -45,12 +45,10 @@ def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generat
     sizes = draw_sizes(cfg, side, cut_size, g)
     whole = round(cfg.cut_whole * len(sizes))
     sizes[len(sizes) - whole :] = [side] * whole  # views of the whole image keep the composition in sight
-    # Crowson draws offsets inclusive of (side - size); Aleph2Image's randint excludes it.
-    inclusive = 1 if cfg.cut == "crowson" else 0
-    # Offsets per axis (y, x), as Crowson's MakeCutouts: image prompts keep their aspect ratio.
-    h, w = image.shape[-2:]
-    spans = torch.tensor([[max(h - s + inclusive, 1), max(w - s + inclusive, 1)] for s in sizes], dtype=torch.float64)
-    offs = (torch.rand(len(sizes), 2, generator=g, dtype=torch.float64) * spans).long().tolist()
+    if whole and cfg.cut_mirror:
+        zoom = 1 + cfg.cut_mirror * torch.rand(whole, generator=g, dtype=torch.float64)
+        sizes[len(sizes) - whole :] = [int(side * z) for z in zoom.tolist()]
+    offs = draw_offsets(image.shape[-2:], sizes, 1 if cfg.cut == "crowson" else 0, g)
     flips = (torch.rand(len(sizes), generator=g) < 0.5).tolist() if cfg.cut_flip else [False] * len(sizes)
     cuts = crop_resize(image, sizes, offs, flips, cut_size, cfg.cut_resample)
     if cfg.cut_affine:
@@ -61,6 +59,17 @@ def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generat
         noise = torch.randn(cuts.shape, generator=g).to(cuts.device)
         cuts = cuts + cfg.cut_noise * r * noise
     return cuts
+
+
+def draw_offsets(shape, sizes: list[int], inclusive: int, g: torch.Generator) -> list[list[int]]:
+    """Top-left corners (y, x) of square cutouts, per axis as Crowson's MakeCutouts (image prompts keep
+    their aspect ratio).  Crowson draws offsets inclusive of (side - size), Aleph2Image's randint
+    excludes it (``inclusive`` 1 or 0).  A cutout larger than the image (``cut_mirror``) starts
+    between (side - size) and 0, so the image lies somewhere inside it."""
+    h, w = shape
+    low = torch.tensor([[min(h - s, 0), min(w - s, 0)] for s in sizes], dtype=torch.float64)
+    spans = torch.tensor([[max(abs(h - s) + inclusive, 1), max(abs(w - s) + inclusive, 1)] for s in sizes], dtype=torch.float64)
+    return (low + (torch.rand(len(sizes), 2, generator=g, dtype=torch.float64) * spans).floor()).long().tolist()
 
 
 def crop_resize(image: torch.Tensor, sizes, offsets, flips, cut_size: int, method: str) -> torch.Tensor:
@@ -81,10 +90,15 @@ def crop_resize(image: torch.Tensor, sizes, offsets, flips, cut_size: int, metho
 
 
 def _placed(matrix: torch.Tensor, offset: int, length: int) -> torch.Tensor:
-    """[cut, s] resize matrix -> [cut, length], acting on samples offset..offset+s."""
+    """[cut, s] resize matrix -> [cut, length], acting on samples offset..offset+s; samples
+    outside 0..length-1 are read mirrored (reflect padding, as F.pad's "reflect")."""
     out = matrix.new_zeros(matrix.shape[0], length)
-    out[:, offset : offset + matrix.shape[1]] = matrix
-    return out
+    if 0 <= offset and offset + matrix.shape[1] <= length:
+        out[:, offset : offset + matrix.shape[1]] = matrix
+        return out
+    idx = torch.arange(offset, offset + matrix.shape[1]).abs()
+    idx = torch.where(idx >= length, 2 * (length - 1) - idx, idx)
+    return out.index_add_(1, idx.to(out.device), matrix)
 
 
 @functools.lru_cache(maxsize=1024)

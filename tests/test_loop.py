@@ -160,6 +160,43 @@ def test_cutout_augmentations_are_seeded_and_whole_views_see_everything():
     assert not torch.equal(a, make_cutouts(img, aug.replace(cut_affine=0.0), 32, make_generators([3])))
 
 
+def test_cut_mirror_zooms_the_whole_views_out_over_a_reflect_padded_image():
+    import torch.nn.functional as F
+    from clipguide.cutouts import crop_resize, draw_offsets, draw_sizes
+    from clipguide.errors import ConfigError
+
+    img = torch.rand(3, 64, 64)
+    pad = 63  # reflect padding as wide as it goes: every zoomed view lies inside it
+    padded = F.pad(img[None], (pad,) * 4, mode="reflect")[0]
+    for size, off in ((100, (-20, -36)), (64, (0, 0)), (127, (-63, 0)), (80, (-1, -16))):
+        mirrored = crop_resize(img, [size], [off], [False], 32, "lanczos")
+        expected = crop_resize(padded, [size], [(off[0] + pad, off[1] + pad)], [False], 32, "lanczos")
+        assert torch.allclose(mirrored, expected, atol=1e-6), (size, off)
+    # a zoomed-out view contains the whole image: its offsets lie between side - size and 0
+    g = torch.Generator().manual_seed(0)
+    offs = draw_offsets((64, 64), [90] * 200, 1, g)
+    assert min(min(o) for o in offs) == -26 and max(max(o) for o in offs) == 0
+    # the default law and offsets are untouched by the option (same draws, same bytes)
+    cfg = RunConfig(cutn=8, cut_whole=0.25)
+    assert draw_sizes(cfg, 64, 32, torch.Generator().manual_seed(1)) == draw_sizes(
+        cfg.replace(cut_mirror=0.5), 64, 32, torch.Generator().manual_seed(1))
+    for bad in (dict(cut_mirror=1.0, cut_whole=0.25), dict(cut_mirror=-0.1, cut_whole=0.25), dict(cut_mirror=0.3)):
+        with pytest.raises(ConfigError, match="--cut-mirror needs --cut-whole"):
+            RunConfig(**bad)
+
+
+def test_cut_mirror_views_are_seeded_and_differ_from_plain_whole_views():
+    from clipguide.cutouts import make_cutouts
+
+    img = torch.rand(1, 3, 64, 64)
+    cfg = RunConfig(cutn=8, cut_whole=0.5, cut_mirror=0.8, cut_affine=0.0)
+    cuts = make_cutouts(img, cfg, 32, make_generators([2]))
+    assert torch.equal(cuts, make_cutouts(img, cfg, 32, make_generators([2])))
+    plain = make_cutouts(img, cfg.replace(cut_mirror=0.0), 32, make_generators([2]))
+    assert torch.allclose(plain[4:], plain[4:5].expand(4, -1, -1, -1))  # whole views, all the same
+    assert all(not torch.allclose(c, plain[4], atol=1e-3) for c in cuts[4:])  # zoomed: each its own view
+
+
 def test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount():
     from clipguide.cutouts import make_cutouts
     from clipguide.errors import ConfigError
