@@ -176,7 +176,12 @@ def test_cut_mirror_zooms_the_whole_views_out_over_a_reflect_padded_image():
     g = torch.Generator().manual_seed(0)
     offs = draw_offsets((64, 64), [90] * 200, 1, g)
     assert min(min(o) for o in offs) == -26 and max(max(o) for o in offs) == 0
-    # the default law and offsets are untouched by the option (same draws, same bytes)
+    # cutouts inside the image keep Crowson's offsets: floor(u * (side - size + 1)) per axis
+    sizes = [40, 64, 50, 33]
+    u = torch.rand(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    legacy = (u * torch.tensor([[64 - s + 1, 96 - s + 1] for s in sizes], dtype=torch.float64)).long().tolist()
+    assert draw_offsets((64, 96), sizes, 1, torch.Generator().manual_seed(3)) == legacy
+    # the default size law draws the same sizes with the option on
     cfg = RunConfig(cutn=8, cut_whole=0.25)
     assert draw_sizes(cfg, 64, 32, torch.Generator().manual_seed(1)) == draw_sizes(
         cfg.replace(cut_mirror=0.5), 64, 32, torch.Generator().manual_seed(1))
