@@ -6,7 +6,9 @@ pixel judge's match rates (colour, shape, background, all three), the CLIP
 similarity, the median steps to the first full match and seconds per prompt, and
 why the shape was missed (the judge's reason: frame, outline, pieces, ...), and whether
 each miss is the search's fault or the CLIP's (does the CLIP rate true renders of the
-prompt above the image, under the loop's own views?).
+prompt above the image, under the loop's own views?).  ``--fit`` adds the recipe's search space without
+CLIP: the same latent and schedule pulled toward one true render per prompt by pixel MSE, judged the same way
+(a high rate there puts the misses on the CLIP objective, not on what the latent can draw).
 
     python benchmarks/shapes_quality.py --prompts 32 --steps 300 --threads 2
 """
@@ -21,7 +23,7 @@ import torch
 from clipguide.decoders import DECODERS
 from clipguide.generation import load_models
 from clipguide.presets import PRESETS, get_preset
-from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, prompt_split
+from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_renders, prompt_split
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
 SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
@@ -45,6 +47,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--split", choices=("heldout", "tune"), default="heldout")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (JSON value)")
+    p.add_argument("--fit", action="store_true", help="also fit each recipe's latent to true renders by pixel MSE (no CLIP)")
     p.add_argument("--json", help="also write the table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -69,7 +72,13 @@ def main(argv=None):
             print(f"{'':20s} shape missed, by the judge's reason: {m['shape_failures']}", flush=True)
         print(f"{'':20s} CLIP score of the image minus true renders under the loop's views: {m['search_gap']:+.3f}; "
               f"misses by cause (search: renders beat it by > {SEARCH_MARGIN}; clip: they do not): {m['miss_causes']}", flush=True)
-        rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}})
+        row = {"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}}
+        if args.fit:
+            fit = fit_renders(cfg, decoder, pairs)
+            print(f"{'':20s} without CLIP (pixel MSE to a true render, same latent and steps): all three "
+                  f"{fit['match_all']:.3f}; shape missed: {fit['shape_failures']}", flush=True)
+            row["fit_match_all"] = fit["match_all"]
+        rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

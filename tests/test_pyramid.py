@@ -94,8 +94,8 @@ def test_bad_factors_and_latents_are_named():
 
 
 def test_pyramid_reaches_a_higher_clip_similarity_on_the_shapes_world(shapes_models):
-    """Behaviour, measured on 8 tuning prompts x 150 steps (README ablation): CLIP similarity 0.50 -> 0.61.
-    Here 2 prompts x 60 steps must show the same direction (measured: 0.15 -> 0.50 with 2 seeds)."""
+    """Behaviour, measured on 8 tuning prompts x 150 steps (benchmarks/shapes_quality_log.md, second round): CLIP
+    similarity 0.50 -> 0.61. Here 2 prompts x 60 steps must show the same direction (measured: 0.15 -> 0.50 with 2 seeds)."""
     decoder, clip = shapes_models
     cfg = get_preset("shapes").replace(prompts=("a orange circle on a blue background", "a red square on a green background"),
                                        steps=60, cutn=8)

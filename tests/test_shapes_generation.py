@@ -29,7 +29,7 @@ def test_short_default_run_moves_judged_attributes_toward_the_prompt(shapes_mode
 
 def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path, capsys):
     """benchmarks/shapes_quality.py on two held-out prompts for 3 steps: its json holds the judge's rates and one
-    cause ("search" or "clip") per missed run, and it prints both."""
+    cause ("search" or "clip") per missed run, and it prints both; ``--fit`` adds the search-space check's rate."""
     import json
     import runpy
     import sys
@@ -38,7 +38,7 @@ def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_quality.py"
     out = tmp_path / "q.json"
     argv = sys.argv
-    sys.argv = [str(script), "--prompts", "2", "--steps", "3", "--threads", "1", "--presets", "shapes", "--json", str(out)]
+    sys.argv = [str(script), "--prompts", "2", "--steps", "3", "--threads", "1", "--presets", "shapes", "--fit", "--json", str(out)]
     try:
         runpy.run_path(str(script), run_name="__main__")
     finally:
@@ -46,7 +46,9 @@ def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path
     (row,) = json.loads(out.read_text())["rows"]
     misses = round(2 * (1 - row["match_all"]))
     assert sum(row["miss_causes"].values()) == misses and len(row["gaps"]) == 2, row
-    assert "misses by cause" in capsys.readouterr().out
+    assert 0.0 <= row["fit_match_all"] <= 1.0, row
+    printed = capsys.readouterr().out
+    assert "misses by cause" in printed and "without CLIP" in printed
 
 
 def test_an_ensemble_of_one_clip_with_itself_guides_like_that_clip(shapes_models):
@@ -58,3 +60,18 @@ def test_an_ensemble_of_one_clip_with_itself_guides_like_that_clip(shapes_models
     one = optimise(cfg, decoder, single)
     two = optimise(cfg, decoder, load_clip("shapes+shapes"))
     torch.testing.assert_close(two.similarities, one.similarities, atol=2e-5, rtol=0)
+
+
+def test_the_default_latent_can_draw_true_renders_without_clip(shapes_models):
+    """The benchmark's search-space check (``--fit``): the default recipe's latent and coarse-to-fine schedule, pulled
+    toward one true render per prompt by pixel MSE, draws scenes the judge accepts; two steps from the flat start
+    draw nothing it accepts."""
+    from clipguide.shapes.quality import fit_renders
+
+    decoder, _ = shapes_models
+    cfg = get_preset("shapes").replace(steps=100, pyramid_every=25)
+    pairs = PAIRS[:2]
+    fit = fit_renders(cfg, decoder, pairs)
+    assert fit["match_all"] == 1.0, (fit["shape_failures"], [v.attributes for v in J.judge_batch(fit["images"])])
+    assert fit["images"].shape == fit["targets"].shape == (2, 3, 128, 128)
+    assert fit_renders(cfg.replace(steps=2), decoder, pairs)["match_all"] == 0.0

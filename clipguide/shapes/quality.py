@@ -93,6 +93,41 @@ def miss_causes(gaps, verdicts, targets) -> dict[str, int]:
     return {k: causes.count(k) for k in ("search", "clip")}
 
 
+def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
+    """The recipe's search space without CLIP: ``cfg``'s latent, schedule, optimiser and step count, pulled toward
+    one true render of each prompt by pixel MSE instead of the CLIP loss, then judged as the benchmark judges.
+
+    A high rate says the parametrisation and the step budget can draw the scenes, so the CLIP-guided loop's misses
+    come from its objective (what the CLIP rewards), not from the space it searches."""
+    import torch
+
+    from ..latents import make_latent
+    from ..optimise import code_bias, grid_of, lr_at, make_generators, make_optimiser
+
+    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1)
+    truth = [sample_scenes(1, seed + k, colour=c, shape=s, background=b)[0] for k, (_, (c, s, b)) in enumerate(pairs)]
+    target = to_tensor(render(truth, cfg.size)).to(cfg.device)
+    gens = make_generators(s for _, s in cfg.runs())
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
+    latent = latent.to(cfg.device)
+    opt = make_optimiser(cfg, [latent.param])
+    for k in range(cfg.steps):
+        latent.step = k
+        loss = (decoder.decode(latent.relax(gens)).clamp(0, 1) - target).pow(2).flatten(1).mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, k)
+        opt.step()
+        latent.end_step()
+    with torch.no_grad(), latent.averaged():
+        images = decoder.decode(latent.display(cfg.display)).clamp(0, 1).float().cpu()
+    verdicts = judge_mod.judge_batch(images)
+    targets = [t for _, t in pairs]
+    return {**{f"match_{k}": v for k, v in judge_mod.accuracy(verdicts, targets).items()},
+            "shape_failures": shape_failures(verdicts, targets), "images": images, "targets": target.cpu()}
+
+
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
     from ..optimise import optimise
