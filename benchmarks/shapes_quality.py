@@ -23,7 +23,7 @@ import torch
 from clipguide.decoders import DECODERS
 from clipguide.generation import load_models
 from clipguide.presets import PRESETS, get_preset
-from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_renders, prompt_split
+from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, prompt_split
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
 SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
@@ -75,9 +75,13 @@ def main(argv=None):
         row = {"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}}
         if args.fit:
             fit = fit_renders(cfg, decoder, pairs)
+            gaps = fit_gaps(cfg, clip, m["result"].images, fit["images"], pairs)
+            missed = [g for g, v, (_, t) in zip(gaps, m["verdicts"][:: cfg.batch], pairs) if v != t]
             print(f"{'':20s} without CLIP (pixel MSE to a true render, same latent and steps): all three "
-                  f"{fit['match_all']:.3f}; shape missed: {fit['shape_failures']}", flush=True)
-            row["fit_match_all"] = fit["match_all"]
+                  f"{fit['match_all']:.3f}; shape missed: {fit['shape_failures']}; CLIP score of the image minus "
+                  f"the fitted scene: {sum(gaps) / len(gaps):+.3f}, misses scored at or above it: "
+                  f"{sum(g >= 0 for g in missed)} of {len(missed)}", flush=True)
+            row.update(fit_match_all=fit["match_all"], fit_gaps=gaps, misses_at_or_above_fit=sum(g >= 0 for g in missed))
         rows.append(row)
     if args.json:
         with open(args.json, "w") as f:

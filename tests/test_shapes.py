@@ -500,3 +500,20 @@ def test_search_gaps_tell_a_search_failure_from_an_image_the_clip_accepts(shapes
     assert Q.miss_causes([0.0, 0.0, -1.0], verdicts, [prompt[1]] * 3) == {"search": 1, "clip": 1}
     embed = clip.encode_text([prompt[0]])[0]
     assert torch.equal(Q.view_scores(cfg, clip, images[:1], embed, 2), Q.view_scores(cfg, clip, images[:1], embed, 2))
+
+
+def test_fit_gaps_compare_the_loop_image_with_the_fitted_scene_under_the_same_views(shapes_models):
+    """The ``--fit`` diagnosis: an image scored against itself gives 0 exactly (same views); a flat background
+    scored against a scene of the prompt falls clearly below it."""
+    import torch
+
+    from clipguide.presets import get_preset
+    from clipguide.shapes import quality as Q
+
+    _, clip = shapes_models
+    cfg = get_preset("shapes").replace(batch=1)
+    pairs = [("a red circle on a blue background", ("red", "circle", "blue"))] * 2
+    scene = S.to_tensor(S.render([S.Scene("red", "circle", "blue", 0.45, 0.55, 0.55)]))[0]
+    flat = scene[:, :1, :1].expand(3, 128, 128)
+    gaps = Q.fit_gaps(cfg, clip, torch.stack([scene, flat]), torch.stack([scene, scene]), pairs, draws=2)
+    assert gaps[0] == 0.0 and gaps[1] < -3 * Q.SEARCH_MARGIN, gaps

@@ -128,6 +128,22 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
             "shape_failures": shape_failures(verdicts, targets), "images": images, "targets": target.cpu()}
 
 
+def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
+    """Per prompt: the loop's objective (:func:`view_scores`) for its final image (the first seed's, of
+    ``cfg.batch``) minus the same score of :func:`fit_renders`' image of that prompt, a clean scene the decoder
+    can draw.  At or above zero on a missed prompt, the CLIP rates the miss at least as high as a drawable
+    scene of the prompt: its objective does not prefer what the judge wants."""
+    import torch
+
+    gaps = []
+    for k, (text, _) in enumerate(pairs):
+        embed = clip.encode_text([text])[0]
+        pair = torch.stack([images[k * cfg.batch], fitted[k]])
+        scores = view_scores(cfg, clip, pair, embed, draws)
+        gaps.append(float(scores[0] - scores[1]))
+    return gaps
+
+
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
     from ..optimise import optimise
