@@ -107,6 +107,14 @@ def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
     return bias
 
 
+def decode_latent(decoder, latent: Latent, x, noise=None) -> torch.Tensor:
+    """Pixels of ``latent``'s relaxed or displayed value ``x``: code weights through the decoder, or (``space``
+    "z", VQGAN z+quantize) decoder latents through its z path."""
+    if latent.space == "z":
+        return decoder.decode_z(x)
+    return decoder.decode(x, noise)
+
+
 class Step:
     """The forward computation of one step for a batch of runs."""
 
@@ -118,9 +126,7 @@ class Step:
         self.loss_fn = LOSSES[cfg.loss]
 
     def decode(self, x, noise=None):
-        if self.latent.space == "z":
-            return self.decoder.decode_z(x)
-        return self.decoder.decode(x, noise)
+        return decode_latent(self.decoder, self.latent, x, noise)
 
     def pixels(self, codes, noise=None):
         x = self.decode(codes, noise)

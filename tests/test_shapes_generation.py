@@ -76,3 +76,13 @@ def test_the_default_latent_can_draw_true_renders_without_clip(shapes_models):
     assert fit["match_all"] == 1.0, (fit["shape_failures"], [v.attributes for v in J.judge_batch(fit["images"])])
     assert fit["images"].shape == fit["targets"].shape == (2, 3, 128, 128)
     assert fit_renders(cfg.replace(steps=2), decoder, pairs)["match_all"] == 0.0
+
+
+def test_the_search_space_check_decodes_z_latents_through_the_z_path():
+    """``--fit`` on a z+quantize recipe decodes its VQGAN latent z as the loop does, not as code weights."""
+    from clipguide import load_decoder
+    from clipguide.shapes.quality import fit_renders
+
+    cfg = get_preset("vqgan-zquantize").replace(decoder="shapes-vqgan", clip="shapes", size=128, steps=2)
+    fit = fit_renders(cfg, load_decoder("shapes-vqgan"), PAIRS[:1])
+    assert fit["images"].shape == (1, 3, 128, 128) and 0.0 <= fit["match_all"] <= 1.0

@@ -102,7 +102,7 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
     import torch
 
     from ..latents import make_latent
-    from ..optimise import code_bias, grid_of, lr_at, make_generators, make_optimiser
+    from ..optimise import code_bias, decode_latent, grid_of, lr_at, make_generators, make_optimiser
 
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1)
     truth = [sample_scenes(1, seed + k, colour=c, shape=s, background=b)[0] for k, (_, (c, s, b)) in enumerate(pairs)]
@@ -113,7 +113,7 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
     opt = make_optimiser(cfg, [latent.param])
     for k in range(cfg.steps):
         latent.step = k
-        loss = (decoder.decode(latent.relax(gens)).clamp(0, 1) - target).pow(2).flatten(1).mean(1).sum()
+        loss = (decode_latent(decoder, latent, latent.relax(gens)).clamp(0, 1) - target).pow(2).flatten(1).mean(1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -121,7 +121,7 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
         opt.step()
         latent.end_step()
     with torch.no_grad(), latent.averaged():
-        images = decoder.decode(latent.display(cfg.display)).clamp(0, 1).float().cpu()
+        images = decode_latent(decoder, latent, latent.display(cfg.display)).clamp(0, 1).float().cpu()
     verdicts = judge_mod.judge_batch(images)
     targets = [t for _, t in pairs]
     return {**{f"match_{k}": v for k, v in judge_mod.accuracy(verdicts, targets).items()},
