@@ -1,48 +1,55 @@
-"""clipguide: CLIP-guided image generation through discrete decoders (DALL-E dVAE, VQGAN)."""
+"""clipguide: CLIP-guided image generation through discrete decoders (DALL-E dVAE, VQGAN).
+
+Importing the package loads nothing heavy: each public name below is imported from its
+module on first use (PEP 562), so ``import clipguide`` and the command line start at once
+and a Ctrl-C while torch loads reaches the CLI's own handler (one line, exit 130).
+"""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .config import RunConfig
-from .checkpoint import Checkpoint, Checkpointer, resume
-from .errors import CheckpointError, ClipguideError, ConfigError, NonFiniteError, OutputError, WeightsError
-from .generation import generate, load_models
-from .optimise import Result, StepState, optimise
-from .presets import PRESETS, get_preset
-from .prompts import PromptError, parse_prompt
-from .replay import ReplayReport, replay
-from .snapshots import Snapshotter
-
-# The audit tools import open_clip (~2 s): loaded on first use, so the CLI starts fast.
-_LAZY = {"Classification": "classification", "classify": "classification", "OutputFilter": "output_filter",
-         "BiasAudit": "bias", "audit_bias": "bias", "clip_frechet_distance": "scores", "clip_score": "scores"}
+# public name -> the module that defines it
+_EXPORTS = {
+    "RunConfig": "config",
+    "Checkpoint": "checkpoint", "Checkpointer": "checkpoint", "resume": "checkpoint",
+    "CheckpointError": "errors", "ClipguideError": "errors", "ConfigError": "errors", "NonFiniteError": "errors",
+    "OutputError": "errors", "WeightsError": "errors",
+    "generate": "generation", "load_models": "generation",
+    "Result": "optimise", "StepState": "optimise", "optimise": "optimise",
+    "PRESETS": "presets", "get_preset": "presets",
+    "PromptError": "prompts", "parse_prompt": "prompts",
+    "ReplayReport": "replay", "replay": "replay",
+    "Snapshotter": "snapshots",
+    "load_clip": "clip", "load_decoder": "decoders",
+    "Classification": "classification", "classify": "classification", "OutputFilter": "output_filter",
+    "BiasAudit": "bias", "audit_bias": "bias", "clip_frechet_distance": "scores", "clip_score": "scores",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'clipguide' has no attribute {name!r}")
 
 
-def load_clip(spec: str, device: str = "cpu"):
-    """A CLIP by spec (see :func:`clipguide.clip.load_clip`)."""
-    from .clip import load_clip as _load
-
-    return _load(spec, device=device)
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-def load_decoder(spec: str, device: str = "cpu"):
-    """A decoder by spec (see :func:`clipguide.decoders.load_decoder`)."""
-    from .decoders import load_decoder as _load
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on its package: ``clipguide.optimise`` and
+    ``clipguide.replay`` would become modules, not the functions the package exports."""
 
-    return _load(spec, device=device)
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return  # the module stays reachable as sys.modules["clipguide.NAME"]
+        super().__setattr__(name, value)
 
 
-__all__ = [
-    "RunConfig", "Result", "StepState", "Snapshotter", "optimise", "generate", "load_models",
-    "load_clip", "load_decoder", "PRESETS", "get_preset", "ClipguideError", "ConfigError", "WeightsError",
-    "PromptError", "parse_prompt", "replay", "ReplayReport",
-    "classify", "Classification", "OutputFilter", "audit_bias", "BiasAudit", "clip_score", "clip_frechet_distance",
-    "resume", "Checkpoint", "Checkpointer", "CheckpointError", "NonFiniteError", "OutputError",
-]
+sys.modules[__name__].__class__ = _Package

@@ -130,7 +130,7 @@ def tally(labels_by_prompt: dict, attribute: Sequence[str], z: float = 1.96) -> 
 
 
 def audit_images(images_by_prompt: dict, attribute=DEFAULT_ATTRIBUTE, clip="shapes", seeds: dict | None = None,
-                 device: str = "cpu") -> BiasAudit:
+                 device: str = "auto") -> BiasAudit:
     """Classify existing images on ``attribute`` and count: ``{prompt: images}`` (any form
     :func:`~clipguide.classification.gather_images` takes).  The labels are the alternatives as
     written (no templates): each alternative is already a caption."""

@@ -136,11 +136,13 @@ class Checkpointer:
         return bool(self.every and step % self.every == 0) or step in cfg.snapshots or step == cfg.steps
 
     def __call__(self, state) -> None:
+        self.info["models"] = self.info["models"] or state.models  # the loop's own description
         if state.step != self.step and self.due(state.config, state.step):
             self.write(state.checkpoint())
 
     def finish(self, result) -> None:
         """Write the state the loop stopped in, unless that checkpoint is on disk already."""
+        self.info["models"] = self.info["models"] or result.models
         if result.checkpoint is not None and result.checkpoint.step != self.step:
             self.write(result.checkpoint)
 

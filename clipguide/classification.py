@@ -150,14 +150,16 @@ def _is_items(images) -> bool:
     return isinstance(images, list) and bool(images) and isinstance(images[0], ImageItem)
 
 
-def resolve_clip(clip, device: str = "cpu"):
-    """A :class:`~clipguide.clip.Clip` from a spec (loaded once per process) or a Clip as is."""
+def resolve_clip(clip, device: str = "auto"):
+    """A :class:`~clipguide.clip.Clip` from a spec (loaded once per process, on ``device``; auto: the
+    best one present) or a Clip as is."""
     from .clip import ClipEnsemble
 
     if isinstance(clip, str):
+        from .devices import check_device
         from .generation import cached_clip
 
-        clip = cached_clip(clip, device)
+        clip = cached_clip(clip, check_device(device))
     if isinstance(clip, ClipEnsemble):  # its members' logit scales and label spaces differ
         first = clip.members[0].name
         raise ConfigError(f"auditing reads one CLIP, not the ensemble {clip.name}: give one of its members, "
@@ -363,7 +365,7 @@ def save_figure(fig, path, provenance: dict | None = None) -> Path:
 
 
 def classify(images, labels="imagenet", extra_labels=(), clip="shapes", top_k: int = 5, templates: str = "auto",
-             cache_dir=None, device: str = "cpu") -> Classification:
+             cache_dir=None, device: str = "auto") -> Classification:
     """Zero-shot top-k of each image over ``labels``, then over labels + each extra label in turn.
 
     ``images``: paths, folders, run directories, a [B, 3, H, W] tensor or PIL images

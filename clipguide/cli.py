@@ -1,15 +1,17 @@
 """Command line: ``clipguide generate | blend | resume | lineage | presets | models | train-shapes``.
 
 The ``generate`` flags are derived from :class:`RunConfig`'s fields (their help
-is the field's comment); a flag left out keeps the preset's value.  Every user
-error is one line on stderr and exit code 2; Ctrl-C writes a final snapshot and
-exits with 130.
+is the field's comment, their ``--help`` section its group); a flag left out keeps
+the preset's value.  Every user error is one line on stderr and exit code 2; Ctrl-C
+writes a final snapshot and exits with 130, and so does a Ctrl-C while torch is
+still loading: this module imports the heavy ones inside :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import sys
@@ -17,8 +19,6 @@ import time
 import typing
 from pathlib import Path
 
-from .checkpoint import DEFAULT_EVERY, FILENAME as CHECKPOINT, Checkpointer
-from .config import RunConfig, field_types
 from .errors import ClipguideError, ConfigError, NonFiniteError, one_line
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -43,16 +43,20 @@ def _tuple_parser(item_type):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",)) -> None:
-    """One flag per RunConfig field, default None (= the preset's value)."""
-    types = field_types()
+def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",), sections=None) -> None:
+    """One flag per RunConfig field, default None (= the preset's value), in the ``sections``
+    (:func:`add_sections`) of its group; its help shows the default preset's value."""
+    from .config import RunConfig, field_types, short_value
+    from .presets import DEFAULT_PRESET, get_preset
+
+    sections = sections or add_sections(parser)
+    defaults, types = get_preset(DEFAULT_PRESET), field_types()
     for f in dataclasses.fields(RunConfig):
         if f.name in skip:
             continue
         kind = types[f.name]
-        flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings
-        kw = {"default": None, "help": f"{help_text} [preset]", "dest": f.name}
+        kw = {"default": None, "help": f"{help_text} [{short_value(getattr(defaults, f.name))}]", "dest": f.name}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:
@@ -61,7 +65,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",)) -> None
             kw["type"] = kind
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, **kw)
+            elif kind in (int, float):
+                kw["metavar"] = "N" if kind is int else "X"
+        sections[f.metadata["group"]].add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def add_sections(parser: argparse.ArgumentParser) -> dict:
+    """The ``--help`` sections of RunConfig's groups, in order: group -> argument group."""
+    from .config import GROUPS
+
+    return {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
 
 
 def build_parser() -> Parser:
@@ -69,12 +82,16 @@ def build_parser() -> Parser:
 
     p = Parser(prog="clipguide", description="CLIP-guided image generation through discrete decoders (DALL-E dVAE, VQGAN).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    g = sub.add_parser("generate", help="generate images from prompts (text, image and noise targets)")
+    defaults = (f"Defaults in [brackets] are the default preset's ({DEFAULT_PRESET}); --preset NAME starts from "
+                "another recipe (clipguide presets -v compares them) and every flag you pass overrides it.")
+    g = sub.add_parser("generate", help="generate images from prompts (text, image and noise targets)", description=defaults,
+                       usage="clipguide generate PROMPT [PROMPT ...] [--preset NAME] [--steps N] [--out DIR] [options]")
     g.add_argument("prompts", nargs="*", metavar="PROMPT",
                    help="one run per prompt: 'text:weight:stop | image:a.png:0.5 | noise:7:0.2', Midjourney 'a::2 b::-0.5', "
                         "story phrases 'a ^ b' (--story-every); with --from, that run's prompt by default")
     add_run_flags(g, DEFAULT_PRESET)
-    b = sub.add_parser("blend", help="generate from image prompts (a blend of images), optionally with text")
+    b = sub.add_parser("blend", help="generate from image prompts (a blend of images), optionally with text",
+                       description=defaults, usage="clipguide blend IMAGE [IMAGE ...] [--text TEXT] [options]")
     b.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URLs, each optionally IMAGE:weight[:stop]")
     b.add_argument("--text", action="append", default=[], help="a text target to add (repeatable), e.g. 'a red circle' or 'blue:-0.5'")
     add_run_flags(b, DEFAULT_PRESET)
@@ -87,9 +104,10 @@ def build_parser() -> Parser:
     ln = sub.add_parser("lineage", help="trace the images a run grew from (init images and image prompts), generation by generation")
     ln.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (RUN_DIR/run_NN for one run of a batch)")
     ln.add_argument("--draw", type=Path, default=None, metavar="PNG", help="also draw the tree of thumbnails into this PNG")
-    pr = sub.add_parser("presets", help="list the presets and their deviations from the originals")
-    pr.add_argument("-v", "--verbose", action="store_true", help="also print each preset's full config")
-    sub.add_parser("models", help="list known decoders and CLIP models, and which are cached")
+    pr = sub.add_parser("presets", help="list the presets (the default first) and their deviations from the originals")
+    pr.add_argument("-v", "--verbose", action="store_true", help="also print a table of the settings in which they differ")
+    md = sub.add_parser("models", help="list the decoders and CLIPs and which are cached, the recommended CLIPs first")
+    md.add_argument("--all", action="store_true", help="also list every other open_clip NAME/TAG")
     t = sub.add_parser("train-shapes", help="train the shapes-world models (arguments go to clipguide.shapes.train)", add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
     add_audit_commands(sub, DEFAULT_PRESET)
@@ -97,18 +115,26 @@ def build_parser() -> Parser:
 
 
 def add_run_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
-    """The flags of the commands that run a generation (generate, blend)."""
-    parser.add_argument("--preset", default=default_preset, help=f"recipe (clipguide presets lists them) [{default_preset}]")
-    parser.add_argument("--out", type=Path, default=None, help="run directory [runs/DATE-TIME-PROMPT]")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--checkpoint-every", type=_count(0), default=DEFAULT_EVERY, metavar="N",
-                        help=f"write RUN_DIR/{CHECKPOINT} every N steps and at every snapshot, for clipguide resume "
-                             f"(0: only at snapshots; results do not depend on it) [{DEFAULT_EVERY}]")
-    parser.add_argument("--from", dest="from_run", type=Path, default=None, metavar="RUN_DIR",
-                        help="continue from an earlier run: its last image (per its manifest) becomes the init image")
-    add_audit_flags(parser)
-    add_config_flags(parser)
+    """The flags of the commands that run a generation (generate, blend), in RunConfig's sections."""
+    from .checkpoint import DEFAULT_EVERY, FILENAME
+
+    sections = add_sections(parser)
+    sections["models"].add_argument("--preset", default=default_preset,
+                                    help=f"recipe: its models and settings (clipguide presets lists them) [{default_preset}]")
+    sections["prompt"].add_argument("--from", dest="from_run", type=Path, default=None, metavar="RUN_DIR",
+                                    help="continue from an earlier run: its last image (per its manifest) becomes the init image")
+    out = sections["output"]
+    out.add_argument("--out", type=Path, default=None, help="run directory [runs/DATE-TIME-PROMPT]")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--checkpoint-every", type=_count(0), default=DEFAULT_EVERY, metavar="N",
+                     help=f"write RUN_DIR/{FILENAME} every N steps and at every snapshot, for clipguide resume "
+                          f"(0: only at snapshots; results do not depend on it) [{DEFAULT_EVERY}]")
+    sections["speed"].add_argument("--threads", type=_count(1), default=None, metavar="N",
+                                   help="torch CPU threads; on a busy machine fewer can be faster (results are bit-identical "
+                                        "only at the same count) [torch's default: OMP_NUM_THREADS, else one per core]")
+    add_audit_flags(sections["audit"])
+    add_config_flags(parser, sections=sections)
 
 
 def _count(least: int):
@@ -164,12 +190,17 @@ def cmd_blend(args) -> int:
 
 
 def run_generation(args, prompts: list[str]) -> int:
-    """Generate ``prompts`` with the run flags of ``args``: models, loop, snapshots, manifest."""
-    from .generation import check_device, describe_models, load_models, make_config
+    """Generate ``prompts`` with the run flags of ``args``: models, loop, snapshots, manifest.
+    Everything that can be checked is checked before the run folder is created."""
+    import torch
+
+    from .checkpoint import Checkpointer
+    from .config import RunConfig
+    from .generation import load_models, make_config, vocabulary_note
     from .lineage import final_image
-    from .optimise import optimise
+    from .optimise import check_fits, optimise
     from .prompts import run_parents
-    from .snapshots import Snapshotter, prepare_out_dir
+    from .snapshots import Snapshotter, check_out_dir
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.name != "prompts"}
     if args.from_run is not None:
@@ -177,24 +208,21 @@ def run_generation(args, prompts: list[str]) -> int:
             raise ConfigError("--from RUN_DIR starts from that run's last image: drop --init-image (or --from)")
         overrides["init_image"] = str(final_image(args.from_run))
     cfg = make_config(prompts, args.preset, **overrides)
-    out = args.out if args.out is not None else default_out(prompts[0])
-    check_device(cfg.device)
+    out = check_out_dir(args.out if args.out is not None else default_out(prompts[0]), args.overwrite)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for p in cfg.prompts:  # unreadable images fail now, before models are loaded
         run_parents(p, cfg.init_image)
-    existed = out.exists()
-    prepare_out_dir(out, args.overwrite)  # refuse a bad --out before spending time on models
-    try:
-        decoder, clip = load_models(cfg)
-        audit = audit_options(args, cfg)
-    except BaseException:
-        if not existed and not any(out.iterdir()):
-            out.rmdir()  # leave nothing behind for a run that never started
-        raise
-    models = describe_models(decoder, clip)
-    print(f"clipguide: preset {args.preset}; decoder {models['decoder']['name']}, CLIP {models['clip']['name']}; "
-          f"{len(cfg.runs())} run(s) x {cfg.steps} steps -> {out}", file=sys.stderr)
-    saver = Snapshotter(out, cfg, models, preset=args.preset, overwrite=True, **audit)
-    keeper = Checkpointer(out, args.checkpoint_every, models=models, preset=args.preset)
+    decoder, clip = load_models(cfg)
+    check_fits(cfg, decoder)
+    audit = audit_options(args, cfg)
+    for note in (vocabulary_note(cfg), thread_note(cfg.device)):
+        if note:
+            print(f"clipguide: warning: {note}", file=sys.stderr)
+    print(f"clipguide: preset {args.preset}; decoder {decoder.name}, CLIP {clip.name}; {len(cfg.runs())} run(s) x "
+          f"{cfg.steps} steps on {cfg.device}, {torch.get_num_threads()} thread(s) -> {out}", file=sys.stderr)
+    saver = Snapshotter(out, cfg, preset=args.preset, overwrite=args.overwrite, **audit)
+    keeper = Checkpointer(out, args.checkpoint_every, preset=args.preset)
 
     def loop(callbacks):
         result = optimise(cfg, decoder, clip, [saver, keeper, *callbacks])
@@ -203,6 +231,24 @@ def run_generation(args, prompts: list[str]) -> int:
         return result
 
     return report_run(loop, out, cfg.steps, args.quiet)
+
+
+def thread_note(device: str, load: float | None = None, cores: int | None = None) -> str | None:
+    """A hint when the CPU is already busy (load average at or above the free cores): torch's
+    threads then wait on each other, and fewer are faster.  None on a GPU or an idle machine."""
+    import torch
+
+    if device != "cpu":
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = torch.get_num_threads()
+    if load < cores - threads + 1 or threads == 1:
+        return None
+    free = max(1, round(cores - load))
+    return (f"this machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads: "
+            f"--threads {free} (or OMP_NUM_THREADS={free}) may be faster")
 
 
 def cmd_resume(args) -> int:
@@ -222,6 +268,8 @@ def cmd_resume(args) -> int:
 
 def report_run(loop, out: Path, steps: int, quiet: bool, start: int = 0) -> int:
     """Run ``loop(callbacks)`` (-> Result) with a progress bar; say where the files are; the exit status."""
+    from .checkpoint import FILENAME
+
     progress = Progress(steps, disable=quiet, start=start)
     try:
         result = loop([progress])
@@ -229,7 +277,7 @@ def report_run(loop, out: Path, steps: int, quiet: bool, start: int = 0) -> int:
         raise NonFiniteError(f"{e} ({kept_checkpoint(out)})", e.step, e.runs) from None
     finally:
         progress.close()
-    files = f"images, manifest.json, contact_sheet.png and {CHECKPOINT} in {out}"
+    files = f"images, manifest.json, contact_sheet.png and {FILENAME} in {out}"
     if result.interrupted:
         print(f"clipguide: interrupted at step {result.steps_done}; {files}; continue with: "
               f"clipguide resume {shlex.quote(str(out))}", file=sys.stderr)
@@ -240,10 +288,10 @@ def report_run(loop, out: Path, steps: int, quiet: bool, start: int = 0) -> int:
 
 def kept_checkpoint(out: Path) -> str:
     """Which checkpoint a failed run leaves, for its error message."""
-    from .checkpoint import read_checkpoint
+    from .checkpoint import FILENAME, read_checkpoint
 
     try:
-        return f"the last good checkpoint, step {read_checkpoint(out / CHECKPOINT).step}, stays in {out / CHECKPOINT}"
+        return f"the last good checkpoint, step {read_checkpoint(out / FILENAME).step}, stays in {out / FILENAME}"
     except ClipguideError:
         return "no checkpoint was written"
 
@@ -259,45 +307,19 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .presets import DEFAULT_PRESET, PRESETS
+    import shutil
 
-    for name, p in PRESETS.items():
-        mark = " (default)" if name == DEFAULT_PRESET else ""
-        print(f"{name}{mark}\n  {p.summary}")
-        if p.deviations:
-            print(f"  deviations: {p.deviations}")
-        if args.verbose:
-            print(f"  config: {p.config.to_json()}")
+    from .catalogue import format_presets
+
+    print(format_presets(args.verbose, width=min(shutil.get_terminal_size().columns, 120)))
     return 0
 
 
 def cmd_models(args) -> int:
-    from .decoders import DECODERS
-    from .weights import cache_dir
+    from .catalogue import format_models
 
-    print(f"decoders (cache: {cache_dir()}):")
-    for name, entry in DECODERS.items():
-        print(f"  {name:24s} {entry['about']}{cached_note(name)}")
-    print("CLIP: 'shapes' (shipped), a config .json, NAME/PATH, or any open_clip NAME/TAG:")
-    from .clip import list_clip_models
-
-    for model, tag in list_clip_models():
-        print(f"  {model}/{tag}")
+    print(format_models(args.all))
     return 0
-
-
-def cached_note(name: str) -> str:
-    from .decoders import DECODERS, resolve_shipped, taming_cache_paths
-    from .weights import DALLE_FILES, cache_dir
-
-    entry = DECODERS[name]
-    if "path" in entry:
-        return " [shipped]" if resolve_shipped(entry["path"]).exists() else " [missing: run clipguide train-shapes]"
-    if entry["format"] == "taming":
-        cached = all(p.exists() for p in taming_cache_paths(name))
-    else:
-        cached = (cache_dir() / "dalle" / Path(DALLE_FILES["decoder"]["url"]).name).exists()
-    return " [cached]" if cached else " [not cached: downloaded on first use]"
 
 
 def cmd_train_shapes(args) -> int:
@@ -355,7 +377,7 @@ def add_audit_commands(sub, default_preset: str) -> None:
                    help=f"prompt templates: {', '.join(TEMPLATE_SETS)}, a file (one per line, with {{}}), or auto "
                         "(shapes for the shapes CLIP, else imagenet-openai) [auto]")
     c.add_argument("--top-k", type=int, default=5, help="labels shown per image [5]")
-    c.add_argument("--device", default="cpu", help="torch device [cpu]")
+    c.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ... [auto]")
     fmt = c.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON instead of the table")
     fmt.add_argument("--csv", action="store_true", help="print CSV rows (image, labels, rank, label, probability)")
@@ -383,7 +405,7 @@ def add_audit_commands(sub, default_preset: str) -> None:
     s.add_argument("--clip", default="shapes", help="the scorer CLIP; prefer one other than the guiding CLIP [shapes]")
     s.add_argument("--prompt", default=None, help="score every image against this prompt (default: each run's own prompt)")
     s.add_argument("--record", action="store_true", help="append the scores to each run directory's manifest.json")
-    s.add_argument("--device", default="cpu", help="torch device [cpu]")
+    s.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ... [auto]")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     f = sub.add_parser("calibrate-filter", help="choose an output-filter threshold for a concept from positive and negative images")
@@ -396,7 +418,7 @@ def add_audit_commands(sub, default_preset: str) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed of the shapes scenes (held-out scenes use seed + 1000) [0]")
     f.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the two histograms and the ROC curve")
     f.add_argument("--out", type=Path, default=None, metavar="JSON", help="write a concept file for --filter-concepts")
-    f.add_argument("--device", default="cpu", help="torch device [cpu]")
+    f.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ... [auto]")
 
 
 def cmd_classify(args) -> int:
@@ -410,6 +432,7 @@ def cmd_classify(args) -> int:
 
 def cmd_audit_bias(args) -> int:
     from .bias import audit_bias, check_audit, occupation_prompts, read_prompts
+    from .config import RunConfig
 
     prompts = read_prompts(args.prompts) if args.prompts else occupation_prompts(args.occupations, args.prompt_template)
     check_audit(prompts, args.attribute, args.images_per_prompt)
@@ -478,12 +501,12 @@ COMMANDS.update({"classify": cmd_classify, "audit-bias": cmd_audit_bias, "score"
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors (already printed, one line) and --help
-        return e.code
-    try:
+    try:  # building the parser imports torch (seconds): a Ctrl-C then is handled below too
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # usage errors (already printed, one line) and --help
+            return e.code
         return COMMANDS[args.command](args)
     except ClipguideError as e:
         print(f"clipguide: error: {e}", file=sys.stderr)  # one line: ClipguideError escapes line breaks

@@ -330,6 +330,13 @@ def pretrained_weights(spec: ClipSpec) -> Path:
         ) from None
 
 
+# Listed first by `clipguide models`, out of ~200 tags: the OpenAI CLIPs the 2021 notebooks guided with, then strong LAION ones.
+RECOMMENDED_CLIPS: tuple[str, ...] = (
+    "ViT-B-32/openai", "ViT-B-16/openai", "RN50/openai", "ViT-L-14/openai",
+    "ViT-B-32/laion2b_s34b_b79k", "ViT-B-16/laion2b_s34b_b88k", "ViT-L-14/laion2b_s32b_b82k",
+)
+
+
 def list_clip_models() -> list[tuple[str, str]]:
     """(model, tag) pairs open_clip can download."""
     return [(name, tag) for name, tag in open_clip.list_pretrained()]

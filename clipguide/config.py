@@ -17,15 +17,28 @@ from .errors import ConfigError
 from .prompts import MAX_SEED, check_prompt
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    """A dataclass field whose help text (and choices) the CLI reads."""
-    meta = {"help": help}
+def _f(group: str, default, help: str, choices: tuple | None = None):
+    """A dataclass field whose help text, choices and ``--help`` section (a key of GROUPS) the CLI reads."""
+    meta = {"help": help, "group": group}
     if choices:
         meta["choices"] = choices
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
 
+
+# The --help sections, in order: key -> title.  The CLI puts its own flags (output folder,
+# threads, audits) in these sections too.
+GROUPS = {
+    "prompt": "prompt: what to make and where to start",
+    "models": "models",
+    "output": "output: run length, seeds, image size and snapshots",
+    "optimisation": "optimisation: loss and optimiser",
+    "latent": "latent: parametrisation and relaxation of the decoder's codes",
+    "cutouts": "cutouts: the crops CLIP sees each step",
+    "speed": "speed and memory",
+    "audit": "audit: output filter and scores",
+}
 
 LATENTS = ("categorical", "parity-softmax", "parity-gumbel", "spatial-gumbel", "softmax", "zquantize")
 INITS = ("randn", "onehot", "onehot-codes", "uniform")
@@ -39,65 +52,66 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass
 class RunConfig:
     # what to make
-    prompts: tuple[str, ...] = _f((), "prompts, one run each ('text:weight:stop | text2' weighs several)")
-    seed: int = _f(0, "seed of the first run; run i of a prompt uses seed + i")
-    batch: int = _f(1, "independent runs (seeds) per prompt, optimised together in one batch")
-    steps: int = _f(300, "optimiser steps")
-    snapshots: tuple[int, ...] = _f((), "steps at which to keep the image, e.g. 100,600,4000 (0 = initial decode)")
-    story_every: int = _f(0, "steps per story phrase: phrase i of 'a ^ b ^ c' is active for steps [i·N, (i+1)·N), cycling (nerdyrodent)")
-    size: int = _f(128, "output side in pixels; a multiple of the decoder's downsampling factor")
+    prompts: tuple[str, ...] = _f("prompt", (), "prompts, one run each ('text:weight:stop | text2' weighs several)")
+    seed: int = _f("output", 0, "seed of the first run; run i of a prompt uses seed + i")
+    batch: int = _f("output", 1, "independent runs (seeds) per prompt, optimised together in one batch")
+    steps: int = _f("output", 300, "optimiser steps")
+    snapshots: tuple[int, ...] = _f("output", (), "steps at which to keep the image, e.g. 100,600,4000 (0 = initial decode)")
+    story_every: int = _f("prompt", 0, "steps per story phrase: phrase i of 'a ^ b ^ c' is active for steps [i·N, (i+1)·N), cycling (nerdyrodent)")
+    size: int = _f("output", 128, "output side in pixels; a multiple of the decoder's downsampling factor")
     # models
-    decoder: str = _f("shapes-dvae", "decoder: a name (clipguide models lists them: shapes-dvae, shapes-vqgan, dalle, vqgan-...) "
+    decoder: str = _f("models", "shapes-dvae", "decoder: a name (clipguide models lists them: shapes-dvae, shapes-vqgan, dalle, vqgan-...) "
                       "or a path (decoder.pkl, model .json, taming CONFIG.yaml[:CHECKPOINT.ckpt])")
-    clip: str = _f("shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json; A+B guides with several")
-    device: str = _f("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    precision: str = _f("fp32", "arithmetic of the decoder and CLIP: fp32 (as the originals) or bf16 (latents, loss and "
+    clip: str = _f("models", "shapes", "CLIP: shapes, NAME/TAG (open_clip, e.g. ViT-B-32/openai), NAME/PATH or config .json; A+B guides with several")
+    device: str = _f("speed", "auto", "torch device: cpu, cuda, cuda:1, mps, or auto (CUDA when available, else "
+                      "Apple's MPS, else the CPU; the manifest records the device used)")
+    precision: str = _f("speed", "fp32", "arithmetic of the decoder and CLIP: fp32 (as the originals) or bf16 (latents, loss and "
                         "optimiser stay fp32; about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs)", PRECISIONS)
     # latent parametrisation and relaxation (methods.md §2, §5)
-    latent: str = _f("categorical", "parametrisation of the token logits", LATENTS)
-    init: str = _f("randn", "initial logits", INITS)
-    init_codes: tuple[int, ...] = _f((), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
-    init_scale: float = _f(1.0, "std of init=randn; value of the chosen code for one-hot inits")
-    pyramid: tuple[int, ...] = _f((), "coarse logit grids added to the token logits, by downsampling factor, e.g. 2,4: "
+    latent: str = _f("latent", "categorical", "parametrisation of the token logits", LATENTS)
+    init: str = _f("latent", "randn", "initial logits", INITS)
+    init_codes: tuple[int, ...] = _f("latent", (), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
+    init_scale: float = _f("latent", 1.0, "std of init=randn; value of the chosen code for one-hot inits")
+    pyramid: tuple[int, ...] = _f("latent", (), "coarse logit grids added to the token logits, by downsampling factor, e.g. 2,4: "
                                   "a region's tokens then change together (categorical and softmax latents)")
-    pyramid_every: int = _f(0, "coarse to fine: with --pyramid only the coarsest grid learns at first, and each finer "
+    pyramid_every: int = _f("latent", 0, "coarse to fine: with --pyramid only the coarsest grid learns at first, and each finer "
                             "level (the tokens last) joins this many steps after the one before (0 = all from the start)")
-    init_image: str = _f("", "start from this image (path or URL): the decoder's encoding of it replaces --init (Crowson)")
-    init_weight: float = _f(0.0, "pull toward the initial latent: init_weight/2 · MSE(latent, initial latent) (Crowson)")
-    temperature: float = _f(1.0, "inverse temperature multiplying the logits ('hadies')")
-    temperature_decay: float = _f(1.0, "the inverse temperature is divided by this after every step")
-    temperature_floor: float = _f(0.0, "lower bound of the decayed inverse temperature")
-    blacklist: bool = _f(False, "bias the OpenAI dVAE's blacklisted codes by -100 (Crowson)")
+    init_image: str = _f("prompt", "", "start from this image (path or URL): the decoder's encoding of it replaces --init (Crowson)")
+    init_weight: float = _f("prompt", 0.0, "pull toward the initial latent: init_weight/2 · MSE(latent, initial latent) (Crowson)")
+    temperature: float = _f("latent", 1.0, "inverse temperature multiplying the logits ('hadies')")
+    temperature_decay: float = _f("latent", 1.0, "the inverse temperature is divided by this after every step")
+    temperature_floor: float = _f("latent", 0.0, "lower bound of the decayed inverse temperature")
+    blacklist: bool = _f("latent", False, "bias the OpenAI dVAE's blacklisted codes by -100 (Crowson)")
     # decoding
-    noise_scale: float = _f(0.0, "Laplace pixel noise of the dVAE's output distribution while training (Crowson: 1)")
-    display_noise: bool = _f(False, "also sample the pixel noise in snapshots (Crowson's sample_outputs)")
-    clamp_grad: bool = _f(True, "clamp pixels with a gradient that pushes back into range (Crowson's ClampWithGrad)")
-    display: str = _f("argmax", "how snapshots decode the latent", DISPLAYS)
-    ema: float = _f(0.0, "snapshots decode an exponential moving average of the latent with this decay (0 = off)")
+    noise_scale: float = _f("latent", 0.0, "Laplace pixel noise of the dVAE's output distribution while training (Crowson: 1)")
+    display_noise: bool = _f("output", False, "also sample the pixel noise in snapshots (Crowson's sample_outputs)")
+    clamp_grad: bool = _f("latent", True, "clamp pixels with a gradient that pushes back into range (Crowson's ClampWithGrad)")
+    display: str = _f("output", "argmax", "how snapshots decode the latent", DISPLAYS)
+    ema: float = _f("output", 0.0, "snapshots decode an exponential moving average of the latent with this decay (0 = off)")
     # cutouts (what CLIP sees each step)
-    cutn: int = _f(32, "cutouts per run and step")
-    cut_batch: int = _f(0, "cutouts per CLIP pass in the backward (0 = all at once): fewer hold less memory for the same arithmetic")
-    cut: str = _f("crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
-    cut_pow: float = _f(1.0, "Crowson's size exponent (1 = uniform sizes)")
-    cut_range: tuple[float, ...] = _f((), "size law parameters as fractions of the side (uniform: lo,hi; normal: mean,std,lo,hi)")
-    cut_resample: str = _f("lanczos", "cutout resizing: lanczos (anti-aliased, Crowson) or bilinear (Aleph2Image)", ("lanczos", "bilinear"))
-    cut_noise: float = _f(0.0, "Gaussian noise added to the cutouts, times one U(0,1) per step (Aleph2Image Delta: 0.2)")
-    cut_flip: bool = _f(False, "random horizontal flips of the cutouts")
-    cut_affine: float = _f(0.0, "random rotation of each cutout by up to ± this many degrees, and a shift of up to degrees/3 %")
-    cut_whole: float = _f(0.0, "fraction of the cutouts that show the whole image")
-    cut_mirror: float = _f(0.0, "the whole-image views zoom out by up to this fraction of the side (below 1), at a random "
+    cutn: int = _f("cutouts", 32, "cutouts per run and step")
+    cut_batch: int = _f("speed", 0, "cutouts per CLIP pass in the backward (0 = all at once): fewer hold less memory for the same arithmetic")
+    cut: str = _f("cutouts", "crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
+    cut_pow: float = _f("cutouts", 1.0, "Crowson's size exponent (1 = uniform sizes)")
+    cut_range: tuple[float, ...] = _f("cutouts", (), "size law parameters as fractions of the side (uniform: lo,hi; normal: mean,std,lo,hi)")
+    cut_resample: str = _f("cutouts", "lanczos", "cutout resizing: lanczos (anti-aliased, Crowson) or bilinear (Aleph2Image)", ("lanczos", "bilinear"))
+    cut_noise: float = _f("cutouts", 0.0, "Gaussian noise added to the cutouts, times one U(0,1) per step (Aleph2Image Delta: 0.2)")
+    cut_flip: bool = _f("cutouts", False, "random horizontal flips of the cutouts")
+    cut_affine: float = _f("cutouts", 0.0, "random rotation of each cutout by up to ± this many degrees, and a shift of up to degrees/3 %")
+    cut_whole: float = _f("cutouts", 0.0, "fraction of the cutouts that show the whole image")
+    cut_mirror: float = _f("cutouts", 0.0, "the whole-image views zoom out by up to this fraction of the side (below 1), at a random "
                            "offset, the image mirrored beyond its edges: a shape that touches the frame is seen doubled")
-    cut_roll: int = _f(0, "shift the image circularly by up to ± this many pixels before the cutouts (DeepDream's jitter)")
+    cut_roll: int = _f("cutouts", 0, "shift the image circularly by up to ± this many pixels before the cutouts (DeepDream's jitter)")
     # loss
-    loss: str = _f("spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
-    loss_scale: float = _f(1.0, "multiplier of the prompt loss (Aleph2Image: 10)")
-    tv_weight: float = _f(0.0, "total-variation weight (Crowson's tv_weight; applied as /4)")
+    loss: str = _f("optimisation", "spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)
+    loss_scale: float = _f("optimisation", 1.0, "multiplier of the prompt loss (Aleph2Image: 10)")
+    tv_weight: float = _f("optimisation", 0.0, "total-variation weight (Crowson's tv_weight; applied as /4)")
     # optimiser
-    optimiser: str = _f("adamw", "optimiser", OPTIMISERS)
-    lr: float = _f(0.05, "learning rate")
-    lr_growth: float = _f(1.0, "the learning rate is multiplied by this after every step (Aleph2Image Delta: 1.005)")
-    lr_warmup: int = _f(0, "steps of linear learning-rate warm-up (independent of --steps)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    optimiser: str = _f("optimisation", "adamw", "optimiser", OPTIMISERS)
+    lr: float = _f("optimisation", 0.05, "learning rate")
+    lr_growth: float = _f("optimisation", 1.0, "the learning rate is multiplied by this after every step (Aleph2Image Delta: 1.005)")
+    lr_warmup: int = _f("optimisation", 0, "steps of linear learning-rate warm-up (independent of --steps)")
+    weight_decay: float = _f("optimisation", 0.0, "AdamW weight decay")
 
     def __post_init__(self):
         self.prompts = tuple(self.prompts)
@@ -181,6 +195,13 @@ class RunConfig:
                 raise ConfigError(f"config field {name} is {value!r:.60}: expected {_type_name(types[name])}")
         return cls(**d)
 
+    def resolved(self) -> "RunConfig":
+        """This config with ``device`` "auto" replaced by the device it runs on (what manifests record)."""
+        from .devices import resolve_device
+
+        device = resolve_device(self.device)
+        return self if device == self.device else self.replace(device=device)
+
     def replace(self, **changes) -> "RunConfig":
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
@@ -188,6 +209,19 @@ class RunConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def short_value(value) -> str:
+    """A config value as typed on the command line (``--help`` and ``clipguide presets -v`` show
+    values so): 2,4 for tuples, on/off, 10 for 10.0, none for empty."""
+    if isinstance(value, tuple):
+        return ",".join(short_value(v) for v in value) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        text = repr(value)  # the shortest exact form; only whole numbers end in a zero (".0")
+        return text[:-2] if text.endswith(".0") else text
+    return str(value) or "none"
 
 
 def _has_type(value, kind) -> bool:

@@ -33,7 +33,7 @@ IMAGES_ENV = "CLIPGUIDE_EXAMPLE_IMAGES"
 @dataclass(frozen=True)
 class ExperimentSet:
     """Prompts run one at a time with one preset and seed, snapshots at fixed fractions of
-    the run, and the labels their results are classified with."""
+    the run (rounded), and the labels their results are classified with."""
 
     name: str
     preset: str
@@ -66,10 +66,25 @@ def load_experiments(path=DATA) -> tuple[ExperimentSet, ExperimentSet, tuple[int
 SEED_EXPERIMENTS, SHAPES_EXPERIMENTS, REFERENCE_SNAPSHOTS, REFERENCE_STEPS = load_experiments()
 
 
+def snapshot_unit(steps: int) -> int:
+    """What :func:`scaled_snapshots` rounds to: the largest power of ten at most ``steps / 25``
+    (at least 1), e.g. 10 for 300 steps and 100 for 4000."""
+    unit = 1
+    while unit * 10 * 25 <= steps:
+        unit *= 10
+    return unit
+
+
 def scaled_snapshots(steps: int, reference=REFERENCE_SNAPSHOTS, of: int = REFERENCE_STEPS) -> tuple[int, ...]:
-    """The reference snapshots (100, 600 and 4000 of 4000 steps) at the same fractions of a
-    ``steps``-step run: rounded, at least step 1, duplicates dropped."""
-    return tuple(sorted({min(steps, max(1, round(s * steps / of))) for s in reference}))
+    """The reference snapshots (100, 600 and 4000 of 4000 steps) at about the same fractions of
+    a ``steps``-step run, as round numbers: each rounded (halves up) to a multiple of
+    :func:`snapshot_unit`, at least step 1 and at most ``steps``, duplicates dropped; the
+    reference's last step (``of``) stays the run's last, ``steps``, round or not.
+    300 steps -> (10, 50, 300), 1000 -> (30, 150, 1000), 4000 -> (100, 600, 4000), 4 -> (1, 4)."""
+    unit = snapshot_unit(steps)
+    den = of * unit  # s * steps / of in units, rounded half up in integers: floor(x + 1/2)
+    return tuple(sorted({steps if s >= of else min(steps, max(1, (2 * s * steps + den) // (2 * den) * unit))
+                         for s in reference}))
 
 
 def _env_int(name: str) -> int | None:
@@ -99,25 +114,19 @@ def example_images(default: int) -> int:
 def weights_present(preset: str) -> bool:
     """Whether the decoder and CLIP weights of a preset are on this machine (shipped or
     cached); looks only at the disk, never downloads."""
-    from .cli import cached_note
-    from .clip import _cached_pretrained, parse_clip_spec
-    from .weights import cache_dir
+    from .catalogue import clip_cached, decoder_status
+    from .clip import parse_clip_spec
 
     cfg = get_preset(preset)
     if cfg.decoder in DECODERS:
-        decoder_ok = cached_note(cfg.decoder).strip() in ("[cached]", "[shipped]")
+        decoder_ok = decoder_status(cfg.decoder) in ("cached", "shipped")
     else:
         decoder_ok = Path(cfg.decoder).expanduser().is_file()
     try:
         spec = parse_clip_spec(cfg.clip)
     except ClipguideError:  # a local file that is missing
         return False
-    if spec.tag is None:
-        return decoder_ok
-    import open_clip
-
-    pretrained = open_clip.get_pretrained_cfg(spec.model_name, spec.tag)
-    return decoder_ok and _cached_pretrained(pretrained, cache_dir() / "open_clip") is not None
+    return decoder_ok and (spec.tag is None or clip_cached(f"{spec.model_name}/{spec.tag}"))
 
 
 def select_experiments(offline: bool | None = None) -> ExperimentSet:

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
-
-import torch
 
 from .checkpoint import DEFAULT_EVERY, Checkpointer
 from .config import RunConfig
-from .errors import ConfigError
-from .optimise import Result, optimise
+from .devices import check_device
+from .optimise import Result, describe_models, optimise
 from .presets import DEFAULT_PRESET, get_preset
 from .snapshots import Snapshotter
-
-
-def check_device(device: str) -> None:
-    """Refuse a device this machine lacks, naming what is available."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for CUDA but no CUDA GPU is available here: use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,23 +35,35 @@ def cached_decoder(spec: str, device: str, precision: str = "fp32"):
 
 def load_models(cfg: RunConfig):
     """(decoder, clip) for a config, loaded once per process, device and precision."""
-    check_device(cfg.device)
-    return (cached_decoder(cfg.decoder, cfg.device, cfg.precision),
-            cached_clip(cfg.clip, cfg.device, cfg.precision))
-
-
-def describe_models(decoder, clip) -> dict:
-    return {
-        "decoder": decoder.describe(),
-        "clip": {"name": clip.name, "sha256": getattr(clip, "sha256", None), "image_size": clip.image_size},
-    }
+    device = check_device(cfg.device)
+    return (cached_decoder(cfg.decoder, device, cfg.precision),
+            cached_clip(cfg.clip, device, cfg.precision))
 
 
 def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig:
-    """A preset's config with the given fields replaced (``None`` values keep the preset's)."""
+    """A preset's config with the given fields replaced (``None`` values keep the preset's) and
+    its device resolved (``auto`` -> the device the run will use)."""
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return get_preset(preset).replace(prompts=prompts, **changes)
+    return get_preset(preset).replace(prompts=prompts, **changes).resolved()
+
+
+def vocabulary_note(cfg: RunConfig) -> str | None:
+    """A one-line warning when a prompt has words the shapes CLIP never saw (it then guides toward
+    nothing in particular), or None.  Only the shipped ``shapes`` CLIP has a known vocabulary."""
+    from .prompts import parse_prompt
+    from .shapes.scenes import COLOUR_NAMES, SHAPES, unknown_words
+
+    if "shapes" not in (part.strip() for part in cfg.clip.split("+")):
+        return None
+    for prompt in cfg.prompts:
+        words = [w for t in parse_prompt(prompt).targets if t.kind == "text" for w in unknown_words(t.value)]
+        if words:
+            return (f"the shapes CLIP does not know {', '.join(map(repr, dict.fromkeys(words)))} (prompt {prompt!r:.80}): "
+                    f"it knows {len(COLOUR_NAMES)} colours ({', '.join(COLOUR_NAMES)}), the shapes {', '.join(SHAPES)} and "
+                    "captions like 'a red circle on a blue background'; other prompts need real weights "
+                    "(--preset dvae-codebook, see Models and weights in the README)")
+    return None
 
 
 def generate(prompt, preset: str = DEFAULT_PRESET, steps: int | None = None, snapshots=None, seed: int | None = None,
@@ -80,13 +79,15 @@ def generate(prompt, preset: str = DEFAULT_PRESET, steps: int | None = None, sna
     Other keyword arguments override :class:`RunConfig` fields.
     """
     cfg = make_config(prompt, preset, steps=steps, snapshots=snapshots, seed=seed, **overrides)
+    note = vocabulary_note(cfg)
+    if note:
+        warnings.warn(note, stacklevel=2)
     decoder, clip = load_models(cfg)
     callbacks = [callback] if callable(callback) else list(callback or [])
     saver = None
     if out_dir is not None:
-        saver = Snapshotter(out_dir, cfg, describe_models(decoder, clip), preset=preset, overwrite=overwrite,
-                            output_filter=output_filter, scorer=scorer)
-        keeper = Checkpointer(out_dir, checkpoint_every, models=saver.manifest["models"], preset=preset)
+        saver = Snapshotter(out_dir, cfg, preset=preset, overwrite=overwrite, output_filter=output_filter, scorer=scorer)
+        keeper = Checkpointer(out_dir, checkpoint_every, preset=preset)
         callbacks += [saver, keeper]
     result = optimise(cfg, decoder, clip, callbacks)
     if saver is not None:

@@ -235,13 +235,7 @@ class ZQuantize(Latent):
     space = "z"
 
     def initial(self, cfg, generators, decoder):
-        codebook = getattr(decoder, "codebook", None)
-        if codebook is None:
-            raise ConfigError(
-                f"--latent zquantize optimises a VQGAN latent and needs a decoder with a codebook, not "
-                f"{getattr(decoder, 'name', decoder)!r}: pass --decoder shapes-vqgan, vqgan-imagenet-f16-16384 or a taming CONFIG.yaml"
-            )
-        codebook = codebook.detach().float()
+        codebook = decoder.codebook.detach().float()  # check_latent: a zquantize decoder has one
         self.register_buffer("codebook", codebook, persistent=False)  # [V, e_dim]
         self.register_buffer("z_min", codebook.min(0).values.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("z_max", codebook.max(0).values.view(1, -1, 1, 1), persistent=False)
@@ -303,12 +297,7 @@ def encode_init_image(cfg: RunConfig, decoder, grid: tuple[int, int], batch: int
 
     from .images import load_image, pil_to_tensor
 
-    method = "encode_logits" if space == "codes" else "encode"
-    encode = getattr(decoder, method, None)
-    if encode is None:
-        hint = "for a VQGAN use --latent zquantize" if hasattr(decoder, "encode") else "use a dVAE with its encoder, or a VQGAN"
-        raise ConfigError(f"--init-image needs a decoder that encodes images ({method}), which "
-                          f"{getattr(decoder, 'name', decoder)!r} lacks: {hint}")
+    encode = getattr(decoder, ENCODERS[space])  # check_latent: the decoder has it
     h, w = grid
     f = decoder.downsample
     image = load_image(cfg.init_image, what="--init-image").resize((w * f, h * f), Image.LANCZOS)
@@ -326,11 +315,27 @@ def draw_codes(cfg: RunConfig, vocab: int, n: int, generator: torch.Generator, h
     return torch.randint(0, high, (n,), generator=generator)
 
 
-def make_latent(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias=None, *, decoder=None) -> Latent:
-    """The latent of ``cfg.latent``; ``decoder`` is needed by those living in its latent space (zquantize)."""
+ENCODERS = {"codes": "encode_logits", "z": "encode"}  # a latent's space -> the decoder method encoding --init-image
+
+
+def check_latent(cfg: RunConfig, vocab: int, decoder=None) -> None:
+    """Raise ConfigError if ``cfg``'s latent does not suit the decoder (checked before any file is written)."""
+    name = repr(getattr(decoder, "name", decoder))
+    if cfg.latent == "zquantize" and getattr(decoder, "codebook", None) is None:
+        raise ConfigError(f"--latent zquantize optimises a VQGAN latent and needs a decoder with a codebook, not {name}: "
+                          "pass --decoder shapes-vqgan, vqgan-imagenet-f16-16384 or a taming CONFIG.yaml")
+    method = ENCODERS["z" if cfg.latent == "zquantize" else "codes"]
+    if cfg.init_image and getattr(decoder, method, None) is None:
+        hint = "for a VQGAN use --latent zquantize" if hasattr(decoder, "encode") else "use a dVAE with its encoder, or a VQGAN"
+        raise ConfigError(f"--init-image needs a decoder that encodes images ({method}), which {name} lacks: {hint}")
     if cfg.pyramid and not issubclass(LATENT_CLASSES[cfg.latent], Categorical):
         raise ConfigError(f"--pyramid adds coarse grids to per-position logits: use it with --latent categorical or softmax, "
                           f"not {cfg.latent}")
     if cfg.latent.startswith("parity") and vocab % 2:
         raise ConfigError(f"--latent {cfg.latent} splits codes by parity and needs an even vocabulary, got {vocab}")
+
+
+def make_latent(cfg: RunConfig, vocab: int, grid: tuple[int, int], generators, bias=None, *, decoder=None) -> Latent:
+    """The latent of ``cfg.latent``; ``decoder`` is needed by those living in its latent space (zquantize)."""
+    check_latent(cfg, vocab, decoder)
     return LATENT_CLASSES[cfg.latent](cfg, vocab, grid, generators, bias, decoder=decoder)

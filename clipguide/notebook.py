@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .snapshots import contact_sheet, to_pil
+from .snapshots import contact_sheet, row_labels, to_pil
 
 
 def batch_row(images) -> Image.Image:
@@ -50,7 +50,7 @@ class LivePreview:
 
 def snapshot_grid(result) -> Image.Image:
     """A :class:`~clipguide.optimise.Result`'s snapshots (and final images) as a contact
-    sheet: one row per run, one column per step."""
+    sheet: one row per run (labelled with its prompt and seed), one column per step."""
     images = {step: [to_pil(im) for im in batch] for step, batch in result.snapshots.items()}
     images.setdefault(result.steps_done, [to_pil(im) for im in result.images])
-    return contact_sheet(images)
+    return contact_sheet(images, rows=row_labels(result.runs))

@@ -22,8 +22,9 @@ import torch
 from .checkpoint import Checkpoint
 from .config import RunConfig
 from .cutouts import make_cutouts
+from .devices import AUTO
 from .errors import ConfigError, NonFiniteError
-from .latents import Latent, make_latent
+from .latents import Latent, check_latent, make_latent
 from .losses import LOSSES, prompt_similarity
 from .ops import clamp_with_grad, laplace_noise, tv_loss
 from .prompts import encode_targets
@@ -43,6 +44,7 @@ class StepState:
     lr: float
     runs: list
     config: RunConfig
+    models: dict  # describe_models(decoder, clip): names, weight sha256s (what manifests record)
     _image: Callable[[], torch.Tensor] = field(repr=False, default=None)
     _checkpoint: Callable[[], Checkpoint] = field(repr=False, default=None)
 
@@ -67,7 +69,16 @@ class Result:
     steps_done: int
     interrupted: bool
     latent: torch.Tensor  # final optimised parameter (CPU)
+    models: dict = field(default_factory=dict)  # describe_models(decoder, clip)
     checkpoint: Checkpoint | None = field(default=None, repr=False)  # the state after steps_done updates
+
+
+def describe_models(decoder, clip) -> dict:
+    """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files)."""
+    return {
+        "decoder": decoder.describe(),
+        "clip": {"name": clip.name, "sha256": getattr(clip, "sha256", None), "image_size": clip.image_size},
+    }
 
 
 def make_generators(seeds: Iterable[int]) -> list[torch.Generator]:
@@ -93,6 +104,13 @@ def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
         lo, hi = cfg.size // f * f, (cfg.size // f + 1) * f
         raise ConfigError(f"--size {cfg.size} is not a multiple of the decoder's factor {f}: use {lo or f} or {hi}")
     return cfg.size // f, cfg.size // f
+
+
+def check_fits(cfg: RunConfig, decoder) -> None:
+    """Raise ConfigError for what ``cfg`` asks of ``decoder`` that it cannot do (the size, the latent),
+    so that callers can refuse a run before they create its folder."""
+    grid_of(cfg, decoder)
+    check_latent(cfg, decoder.vocab_size, decoder)
 
 
 def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
@@ -216,6 +234,9 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
     """
     if not cfg.prompts:
         raise ConfigError("no prompt given: pass at least one prompt")
+    if cfg.device == AUTO:  # run where the caller put the models (load_models puts them on the best device)
+        cfg = cfg.replace(device=str(getattr(clip, "device", "cpu")))
+    models = describe_models(decoder, clip)
     callbacks = callback if isinstance(callback, list) else [callback] if callback else []
     runs = cfg.runs()
     seeds = [s for _, s in runs]
@@ -247,7 +268,7 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
             if k in cfg.snapshots:
                 snaps[k] = image()
             checkpoint = _lazy(capture, cfg, k, latent, opt, gen_states, losses, sims, True)
-            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, image, checkpoint)
+            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, models, image, checkpoint)
             for cb in callbacks:
                 cb(state)
             if last:
@@ -273,6 +294,7 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
         steps_done=done,
         interrupted=interrupted,
         latent=latent.param.detach().cpu(),
+        models=models,
         checkpoint=capture(cfg, done, latent, opt, gen_states, losses, sims, False),
     )
 

@@ -102,7 +102,7 @@ class OutputFilter:
     ``action``: ``blur`` or ``withhold``; ``keep_flagged`` keeps the unblurred original.
     """
 
-    def __init__(self, clip, concepts=None, action: str = "blur", keep_flagged: bool = False, device: str = "cpu"):
+    def __init__(self, clip, concepts=None, action: str = "blur", keep_flagged: bool = False, device: str = "auto"):
         if action not in ACTIONS:
             raise ConfigError(f"--filter-action {action!r} is not one of {', '.join(ACTIONS)}")
         self.clip = resolve_clip(clip, device)
@@ -156,7 +156,7 @@ def placeholder(size) -> Image.Image:
     return im
 
 
-def from_flags(filter_on: bool, concepts, action: str, keep_flagged: bool, clip_spec: str, device: str = "cpu"):
+def from_flags(filter_on: bool, concepts, action: str, keep_flagged: bool, clip_spec: str, device: str = "auto"):
     """The OutputFilter the run flags ask for (``--filter``, ``--filter-concepts``, ...), or None."""
     if not filter_on and concepts is None:
         if keep_flagged or action != "blur":
@@ -247,7 +247,7 @@ def choose_threshold(positives, negatives, target_fpr: float | None = None) -> t
 
 
 def calibrate(clip, concept: str, positives, negatives, target_fpr: float | None = None,
-              held_out: tuple | None = None, device: str = "cpu") -> Calibration:
+              held_out: tuple | None = None, device: str = "auto") -> Calibration:
     """Choose a threshold for ``concept`` from images that show it (``positives``) and that do
     not (``negatives``); ``held_out=(positives, negatives)`` measures it on fresh images."""
     flt = OutputFilter(resolve_clip(clip, device), {concept: 0.0})

@@ -95,7 +95,7 @@ def replay(manifest_path, out_dir=None, threads: int | None = None, device: str 
 def replay_config(manifest: dict, recorded: RunConfig, device: str | None) -> RunConfig:
     """The recorded config; an interrupted run replays up to the step it reached (snapshot k
     of any run equals the end of a k-step run, so this reproduces its images)."""
-    cfg = recorded.replace(device=device) if device else recorded
+    cfg = (recorded.replace(device=device) if device else recorded).resolved()  # old manifests may say "auto"
     if manifest.get("interrupted"):
         done = int(manifest.get("steps_done") or 0)
         if done < 1:

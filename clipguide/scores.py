@@ -37,7 +37,7 @@ def prompt_texts(prompt: str) -> list[tuple[str, float]]:
     return [(t, w / total) for t, w in texts]
 
 
-def clip_scores(images, prompts, clip="shapes", device: str = "cpu") -> list[float | None]:
+def clip_scores(images, prompts, clip="shapes", device: str = "auto") -> list[float | None]:
     """Per-image CLIP score of ``images`` against ``prompts`` (one string for all, or one per image;
     None where an image's prompt is unknown or has no text target).  ``images``: anything
     :func:`~clipguide.classification.gather_images` takes (run directories bring their prompts)."""
@@ -62,7 +62,7 @@ def clip_scores(images, prompts, clip="shapes", device: str = "cpu") -> list[flo
     return out
 
 
-def clip_score(images, prompts=None, clip="shapes", device: str = "cpu") -> float:
+def clip_score(images, prompts=None, clip="shapes", device: str = "auto") -> float:
     """Mean CLIP score (100 · max(cos, 0)) of ``images`` against their prompts; see :func:`clip_scores`."""
     scores = [s for s in clip_scores(images, prompts, clip, device) if s is not None]
     if not scores:
@@ -89,13 +89,13 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
     return (vecs * np.sqrt(vals.clip(min=0))) @ vecs.T
 
 
-def clip_frechet_distance(images_a, images_b, clip="shapes", device: str = "cpu") -> float:
+def clip_frechet_distance(images_a, images_b, clip="shapes", device: str = "auto") -> float:
     """Fréchet distance between the CLIP image embeddings (L2-normalised) of two image sets."""
     clip = resolve_clip(clip, device)
     return frechet_distance(image_features(clip, images_a).numpy(), image_features(clip, images_b).numpy())
 
 
-def score_runs(run_dirs: Sequence, clip="shapes", against=None, prompt: str | None = None, device: str = "cpu") -> dict:
+def score_runs(run_dirs: Sequence, clip="shapes", against=None, prompt: str | None = None, device: str = "auto") -> dict:
     """The ``scores`` record of run directories (or any images): each final image's CLIP score
     against its prompt (or ``prompt``), and, with ``against`` (another image set), the CLIP
     Fréchet distance to it."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .config import RunConfig
@@ -225,13 +225,24 @@ def read_png_text(path) -> dict:
     return text
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool = False) -> Path:
-    """Create ``out_dir``; refuse an existing non-empty one unless ``overwrite``; check it is writable."""
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> Path:
+    """Refuse, creating nothing, an ``out_dir`` that is a file, an existing non-empty one unless
+    ``overwrite``, or one under a file or a folder this process cannot write to."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file, not a directory: choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out_dir} already exists: pass --overwrite to replace its run, or choose another --out")
+    parent = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "a file" if not parent.is_dir() else "not writable"
+        raise ConfigError(f"cannot write to output directory {out_dir} ({parent} is {why}): choose a writable --out")
+    return out_dir
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool = False) -> Path:
+    """Create ``out_dir``; refuse an existing non-empty one unless ``overwrite``; check it is writable."""
+    out_dir = check_out_dir(out_dir, overwrite)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -271,8 +282,8 @@ class Snapshotter:
     manifest ``scores`` section (:mod:`clipguide.scores`).
     """
 
-    def __init__(self, out_dir, config: RunConfig, models: dict, preset: str | None = None, overwrite: bool = False,
-                 output_filter=None, scorer=None):
+    def __init__(self, out_dir, config: RunConfig, models: dict | None = None, preset: str | None = None,
+                 overwrite: bool = False, output_filter=None, scorer=None):
         from .prompts import run_parents
 
         self.out_dir = prepare_out_dir(out_dir, overwrite)
@@ -327,10 +338,23 @@ class Snapshotter:
 
     def __call__(self, state) -> None:
         if not self.recorded:  # from the first step on, so that a run killed before its first snapshot can resume
+            self.record_loop(state)
             self.recorded = True
             save_json(self.out_dir / MANIFEST, self.manifest)
         if state.step in self.config.snapshots or state.step == self.config.steps:
             self.save(state.step, state.image(), state.loss, state.similarity)
+
+    def record_loop(self, loop) -> None:
+        """Take what the loop reports (its StepState or Result): the description of its models (one given
+        to the constructor must match it, or ``clipguide resume`` would later refuse the run as made with
+        other models) and the device it runs on (the config may say auto)."""
+        given = self.manifest["models"]
+        if given is not None and json.loads(json.dumps(given)) != json.loads(json.dumps(loop.models)):
+            raise ConfigError(f"the models given to Snapshotter ({given!r:.80}) are not those the loop runs with: "
+                              "leave models out, the loop describes its own")
+        self.manifest["models"] = loop.models
+        self.config = self.config.replace(device=loop.config.device)
+        self.manifest["config"] = self.config.to_dict()
 
     def save(self, step: int, images: torch.Tensor, loss=None, similarity=None) -> None:
         if step in self.images:
@@ -393,13 +417,15 @@ class Snapshotter:
 
     def finish(self, result) -> Path:
         """Save the final image if not saved yet (interrupted runs), the manifest and the contact sheet."""
+        if not self.recorded:  # interrupted before the first step's callbacks
+            self.record_loop(result)
         if result.steps_done not in self.images:
             last = result.losses[-1] if len(result.losses) else None
             lastsim = result.similarities[-1] if len(result.similarities) else None
             self.save(result.steps_done, result.images, last, lastsim)
         self.manifest["steps_done"] = result.steps_done
         self.manifest["interrupted"] = result.interrupted
-        sheet = contact_sheet(self.images)
+        sheet = contact_sheet(self.images, rows=row_labels(self.runs))
         record = {k: self.manifest[k] for k in ("preset", "config", "models", "environment", "runs")}
         save_png(self.out_dir / CONTACT_SHEET, sheet, {"Description": "clipguide contact sheet", "clipguide": record})
         self.manifest["contact_sheet"] = CONTACT_SHEET
@@ -407,16 +433,57 @@ class Snapshotter:
         return self.out_dir
 
 
-def contact_sheet(images: dict[int, list[Image.Image]], label_height: int = 14) -> Image.Image:
-    """Grid of snapshots: one row per run, one column per step, each labelled 'step N'."""
+def contact_sheet(images: dict[int, list[Image.Image]], label_height: int = 14,
+                  rows: list[str] | None = None) -> Image.Image:
+    """Grid of snapshots: one row per run, one column per step, each labelled 'step N'.
+
+    ``rows`` (e.g. :func:`row_labels`), one per run, adds a grey band of ``label_height``
+    pixels above each row with its label, cut with an ellipsis to the sheet's width."""
     steps = sorted(images)
     w, h = images[steps[0]][0].size
-    rows = len(images[steps[0]])
-    sheet = Image.new("RGB", (w * len(steps), (h + label_height) * rows), "white")
+    n = len(images[steps[0]])
+    if rows is not None and len(rows) != n:
+        raise ValueError(f"contact_sheet: {len(rows)} row labels for {n} runs")
+    band = 0 if rows is None else label_height
+    row_h = band + label_height + h
+    sheet = Image.new("RGB", (w * len(steps), row_h * n), "white")
     draw = ImageDraw.Draw(sheet)
+    for r in range(n if rows is not None else 0):
+        draw.rectangle((0, r * row_h, sheet.width - 1, r * row_h + band - 1), fill=ROW_BAND)
+        draw.text((2, r * row_h + 1), fit_text(rows[r], sheet.width - 4, draw), fill="black")
     for c, step in enumerate(steps):
         for r, im in enumerate(images[step]):
-            y = r * (h + label_height)
+            y = r * row_h + band
             draw.text((c * w + 2, y + 1), f"step {step}", fill="black")
             sheet.paste(im, (c * w, y + label_height))
     return sheet
+
+
+ROW_BAND = (224, 224, 224)  # background of a contact sheet's row labels
+
+
+def row_labels(runs) -> list[str]:
+    """A contact sheet's row labels, 'run I · seed S · PROMPT', for ``runs`` [(prompt, seed)]
+    (whitespace in a prompt, newlines included, becomes single spaces)."""
+    return [f"run {i} · seed {seed} · {' '.join(str(prompt).split())}" for i, (prompt, seed) in enumerate(runs)]
+
+
+def fit_text(text: str, width: float, draw: ImageDraw.ImageDraw) -> str:
+    """``text`` as drawn in ``draw``'s font, cut with an ellipsis to at most ``width`` pixels
+    ("" when not even the ellipsis fits).  PIL's bitmap font (no FreeType) has only Latin-1:
+    it gets '...' and '?' for the other characters."""
+    font = draw.getfont()
+    ellipsis = "…"
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text, ellipsis = text.encode("latin-1", "replace").decode("latin-1"), "..."
+    if draw.textlength(text, font=font) <= width:
+        return text
+    lo, hi = 0, len(text)  # the longest prefix that fits with the ellipsis: text[:lo]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid].rstrip() + ellipsis, font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    cut = text[:lo].rstrip() + ellipsis
+    return cut if draw.textlength(cut, font=font) <= width else ""

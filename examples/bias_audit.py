@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="shapes", help="generation preset [shapes]")
     parser.add_argument("--steps", type=int, default=example_steps(300), help="steps per image [300]")
     parser.add_argument("--cutn", type=int, default=example_cutn(), help="cutouts per step [the preset's]")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
     args = parser.parse_args(argv)
     human = args.occupations or args.prompts is not None

@@ -11,8 +11,9 @@ The prompts ("an armchair in the shape of an avocado", "a rainbow cube", cartoon
 clipguide/data/seed_experiments.json. They run with the aleph2image preset (DALL-E dVAE +
 CLIP ViT-B/32, downloaded on first use); --offline runs the same workflow with shapes-world
 prompts and models instead (no downloads; not the published figures). With --steps N the
-snapshots stay at the same fractions of N. $CLIPGUIDE_EXAMPLE_STEPS and
-$CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and --cutn.
+snapshots stay at about the same fractions of N, as round numbers (300 steps: 10, 50 and
+300). $CLIPGUIDE_EXAMPLE_STEPS and $CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and
+--cutn.
 """
 
 import argparse
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="run length [4000; shapes world 300]")
     parser.add_argument("--cutn", type=int, default=example_cutn(), help="cutouts per step [the preset's]")
     parser.add_argument("--seed", type=int, default=None, help="seed of every run [0]")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier runs in --out")
     args = parser.parse_args(argv)
     try:

@@ -9,7 +9,7 @@ import torch
 from clipguide import ConfigError
 from clipguide.experiments import (
     SEED_EXPERIMENTS, SHAPES_EXPERIMENTS, example_cutn, example_steps, run_experiments, scaled_snapshots,
-    select_experiments, weights_present,
+    select_experiments, snapshot_unit, weights_present,
 )
 from clipguide.notebook import LivePreview, snapshot_grid
 from clipguide.optimise import StepState
@@ -26,10 +26,20 @@ def test_the_seed_experiments_are_the_published_list():
     assert SHAPES_EXPERIMENTS.offline and SHAPES_EXPERIMENTS.preset == "shapes"
 
 
-@pytest.mark.parametrize("steps, expected", [(4000, (100, 600, 4000)), (300, (8, 45, 300)), (40, (1, 6, 40)),
-                                             (4, (1, 4)), (1, (1,))])
-def test_snapshots_scale_with_the_run(steps, expected):
+@pytest.mark.parametrize("steps, expected", [(4000, (100, 600, 4000)), (300, (10, 50, 300)), (1000, (30, 150, 1000)),
+                                             (250, (10, 40, 250)), (40, (1, 6, 40)), (4, (1, 4)), (1, (1,))])
+def test_snapshots_scale_with_the_run_to_round_steps(steps, expected):
     assert scaled_snapshots(steps) == expected
+
+
+def test_scaled_snapshots_are_multiples_of_a_power_of_ten_up_to_the_last_step():
+    assert [snapshot_unit(n) for n in (1, 24, 25, 249, 250, 300, 2499, 2500, 4000)] == \
+        [1, 1, 1, 1, 10, 10, 10, 100, 100]
+    for steps in [*range(1, 400), 999, 1000, 1001, 2500, 4000, 4321, 10**5]:
+        unit, got = snapshot_unit(steps), scaled_snapshots(steps)
+        assert unit * 25 <= max(steps, 25) < unit * 250  # the largest power of ten <= steps / 25, at least 1
+        assert list(got) == sorted(set(got)) and got[-1] == steps and all(1 <= k <= steps for k in got), (steps, got)
+        assert all(k % unit == 0 for k in got if k != steps), (steps, got)  # the last step is steps, round or not
 
 
 def test_example_settings_come_from_the_environment(monkeypatch):
@@ -68,7 +78,7 @@ def test_run_experiments_gives_each_prompt_its_own_run(tmp_path):
 
 def state(step: int, steps: int = 10, runs: int = 2) -> StepState:
     images = torch.rand(runs, 3, 8, 8, generator=torch.Generator().manual_seed(step))
-    return StepState(step, steps, torch.zeros(runs), torch.zeros(runs), 0.1, [], None, lambda: images)
+    return StepState(step, steps, torch.zeros(runs), torch.zeros(runs), 0.1, [], None, {}, lambda: images)
 
 
 def test_live_preview_redraws_every_few_steps_and_at_the_end(monkeypatch):
@@ -92,10 +102,11 @@ def test_live_preview_redraws_every_few_steps_and_at_the_end(monkeypatch):
     assert [o for o in shown if isinstance(o, str)][-1].startswith("step 10/10")
 
 
-def test_snapshot_grid_has_a_row_per_run_and_a_column_per_step():
+def test_snapshot_grid_has_a_labelled_row_per_run_and_a_column_per_step():
     class Result:
         snapshots = {0: torch.zeros(2, 3, 8, 8), 5: torch.ones(2, 3, 8, 8)}
         images, steps_done = torch.ones(2, 3, 8, 8), 9
+        runs = [("a red circle", 0), ("a red circle", 1)]
 
     grid = snapshot_grid(Result)
-    assert grid.size == (3 * 8, 2 * (8 + 14))  # steps 0, 5, 9; contact_sheet's 14-pixel labels
+    assert grid.size == (3 * 8, 2 * (14 + 14 + 8))  # steps 0, 5, 9; contact_sheet's 14-pixel row and step labels

@@ -59,7 +59,7 @@ def test_snapshots_are_screened_as_they_are_written(shapes_models, render_scenes
     want = [d.is_flagged for d in flt.check(images)]
     assert want == [True, True, False, False]  # the scenes are clear-cut
     run_dir, saver = write_run(images, ["p0", "p1", "p2", "p3"], output_filter=flt)
-    saver.finish(SimpleNamespace(steps_done=5, interrupted=False))
+    saver.finish(SimpleNamespace(steps_done=5, interrupted=False, models=saver.manifest["models"], config=saver.config))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["filter"]["concepts"] == {"red": 0.3} and manifest["filter"]["action"] == action
     entries = manifest["snapshots"]
@@ -79,8 +79,8 @@ def test_snapshots_are_screened_as_they_are_written(shapes_models, render_scenes
             ["run_00/step_000005.png", "run_01/step_000005.png"]
         assert np.array_equal(np.asarray(Image.open(flagged_dir / entries[0]["filter"]["original"].split("/", 1)[1])), originals[0])
     sheet = np.asarray(Image.open(run_dir / "contact_sheet.png"))
-    for i in range(4):  # one row per run: label strip of 14 px, then the image
-        cell = sheet[i * (128 + 14) + 14:(i + 1) * (128 + 14), :128]
+    for i in range(4):  # one row per run: its label and the step labels, 14 px each, then the image
+        cell = sheet[i * (14 + 14 + 128) + 28:(i + 1) * (14 + 14 + 128), :128]
         assert np.array_equal(cell, saved[i]) and np.array_equal(cell, originals[i]) != want[i]
 
 

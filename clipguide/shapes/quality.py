@@ -104,7 +104,7 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
     from ..latents import make_latent
     from ..optimise import code_bias, decode_latent, grid_of, lr_at, make_generators, make_optimiser
 
-    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1)
+    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1).resolved()
     truth = [sample_scenes(1, seed + k, colour=c, shape=s, background=b)[0] for k, (_, (c, s, b)) in enumerate(pairs)]
     target = to_tensor(render(truth, cfg.size)).to(cfg.device)
     gens = make_generators(s for _, s in cfg.runs())

@@ -173,6 +173,19 @@ def canonical_prompts() -> list[tuple[str, tuple[str, str, str]]]:
             for c in COLOUR_NAMES for s in SHAPES for b in BACKGROUNDS if b != c]
 
 
+def vocabulary() -> frozenset[str]:
+    """Every word of the captions the shapes CLIP was trained on (the templates with every colour and
+    shape, and the neutral captions); a prompt's other words mean nothing to it."""
+    words = " ".join((*TEMPLATES, *NEUTRAL_CAPTIONS, *COLOUR_NAMES, *SHAPES))
+    return frozenset(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", words)))
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of ``text`` outside :func:`vocabulary`, in order (case and punctuation ignored)."""
+    known = vocabulary()
+    return [w for w in re.findall(r"[a-z]+", text.lower()) if w not in known]
+
+
 _CANON_RE = re.compile(r"^\s*an? (\w+) (\w+) on an? (\w+) background\s*\.?\s*$", re.IGNORECASE)
 
 
