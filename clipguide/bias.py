@@ -168,7 +168,7 @@ def audit_bias(prompts, attribute=DEFAULT_ATTRIBUTE, images_per_prompt: int = 8,
     written there.  ``guide_clip`` and ``device`` replace the preset's guiding CLIP and device
     (None keeps them); other keyword arguments override :class:`RunConfig` fields.
     """
-    from .generation import describe_models, load_models, make_config
+    from .generation import load_models, make_config
     from .optimise import optimise
     from .presets import DEFAULT_PRESET
     from .snapshots import Snapshotter, prepare_out_dir, save_json
@@ -184,7 +184,7 @@ def audit_bias(prompts, attribute=DEFAULT_ATTRIBUTE, images_per_prompt: int = 8,
         decoder, guide = load_models(cfg)
         saver = None
         if out is not None:
-            saver = Snapshotter(out / "images" / f"batch_{c // per_call:02d}", cfg, describe_models(decoder, guide), preset)
+            saver = Snapshotter(out / "images" / f"batch_{c // per_call:02d}", cfg, preset=preset)
         result = optimise(cfg, decoder, guide, saver)
         if saver is not None:
             saver.finish(result)

@@ -16,7 +16,7 @@ import open_clip
 from .clip import RECOMMENDED_CLIPS, SHAPES_CLIP, _cached_pretrained, list_clip_models
 from .config import RunConfig, _flag, short_value
 from .decoders import DECODERS, resolve_shipped, taming_cache_paths
-from .presets import DEFAULT_PRESET, PRESETS, Preset
+from .presets import COMMON_DEVIATIONS, DEFAULT_PRESET, PRESETS, Preset
 from .weights import DALLE_FILES, cache_dir
 
 NOT_CACHED = "not cached: downloaded on first use"
@@ -47,6 +47,8 @@ def format_presets(verbose: bool = False, width: int = 100) -> str:
         lines += _wrap(p.summary, width, "  ")
         if p.deviations:
             lines += _wrap(p.deviations, width, "  deviations: ", "    ")
+    lines += ["", "deviations of every notebook preset:"]
+    lines += [line for text in COMMON_DEVIATIONS for line in _wrap(text, width, "  * ", "    ")]
     if verbose:
         lines += ["", *_wrap("config fields that differ between presets:", width, ""), ""]
         lines += _table([""] + [p.name for p in presets], _differing_fields(presets), width)

@@ -211,7 +211,7 @@ def open_run(run_dir, steps: int | None = None, checkpoint_every: int | None = N
                               f"pass {checkpoint.step} or more")
         cfg = cfg.replace(steps=steps)
     decoder, clip = load_models(cfg)
-    models = json.loads(json.dumps(describe_models(decoder, clip)))
+    models = json.loads(json.dumps(describe_models(decoder, clip, cfg)))
     then = checkpoint.info.get("models") or manifest["models"]
     if then != models:
         raise WeightsError(f"the models differ from those {run_dir} was made with ({_model_change(then, models)}): "
@@ -386,4 +386,7 @@ def _model_change(then, now: dict) -> str:
         if old != model:
             out.append(f"{role} {old.get('name')} sha256 {str(old.get('sha256'))[:12]} -> "
                        f"{model.get('name')} sha256 {str(model.get('sha256'))[:12]}")
+            if old.get("encoder_sha256") != model.get("encoder_sha256"):  # a dVAE's own encoder.pkl (--init-image)
+                out[-1] += (f" (encoder sha256 {str(old.get('encoder_sha256'))[:12]} -> "
+                            f"{str(model.get('encoder_sha256'))[:12]})")
     return "; ".join(out) or "different descriptions"

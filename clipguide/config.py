@@ -101,6 +101,8 @@ class RunConfig:
     cut_whole: float = _f("cutouts", 0.0, "fraction of the cutouts that show the whole image")
     cut_mirror: float = _f("cutouts", 0.0, "the whole-image views zoom out by up to this fraction of the side (below 1), at a random "
                            "offset, the image mirrored beyond its edges: a shape that touches the frame is seen doubled")
+    cut_clamp: bool = _f("cutouts", False, "clamp the cutouts to [0, 1] with a pass-through gradient, as Crowson's "
+                         "MakeCutouts does (its Lanczos resize overshoots the range)")
     cut_roll: int = _f("cutouts", 0, "shift the image circularly by up to ± this many pixels before the cutouts (DeepDream's jitter)")
     # loss
     loss: str = _f("optimisation", "spherical", "spherical distance (Crowson) or negative cosine (Aleph2Image)", LOSSES)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
-from .ops import resample
+from .ops import clamp_with_grad, resample
 
 
 def draw_sizes(cfg: RunConfig, side: int, cut_size: int, g: torch.Generator) -> list[int]:
@@ -58,7 +58,7 @@ def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generat
         r = torch.rand((), generator=g).item()
         noise = torch.randn(cuts.shape, generator=g).to(cuts.device)
         cuts = cuts + cfg.cut_noise * r * noise
-    return cuts
+    return clamp_with_grad(cuts, 0, 1) if cfg.cut_clamp else cuts
 
 
 def draw_offsets(shape, sizes: list[int], inclusive: int, g: torch.Generator) -> list[list[int]]:

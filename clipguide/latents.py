@@ -328,6 +328,8 @@ def check_latent(cfg: RunConfig, vocab: int, decoder=None) -> None:
     if cfg.init_image and getattr(decoder, method, None) is None:
         hint = "for a VQGAN use --latent zquantize" if hasattr(decoder, "encode") else "use a dVAE with its encoder, or a VQGAN"
         raise ConfigError(f"--init-image needs a decoder that encodes images ({method}), which {name} lacks: {hint}")
+    if cfg.init_image and method == "encode_logits" and hasattr(decoder, "check_encoder"):
+        decoder.check_encoder()  # a dVAE without its encoder, or whose encoder.pkl is missing: refused up front
     if cfg.pyramid and not issubclass(LATENT_CLASSES[cfg.latent], Categorical):
         raise ConfigError(f"--pyramid adds coarse grids to per-position logits: use it with --latent categorical or softmax, "
                           f"not {cfg.latent}")

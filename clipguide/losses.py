@@ -20,13 +20,14 @@ def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def spherical_loss(cut_embeds: torch.Tensor, embeds: torch.Tensor, weights: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
-    """Crowson's Prompt loss per run: Σ_t |w_t|·mean_i sign(w_t)·d_it, with the gradient
-    cut where d falls below the target's stop.  cut_embeds [B, N, D] -> [B]."""
+    """Crowson's Prompt loss per run: Σ_t |w_t|·mean_i s_it with s = sign(w_t)·d_it, the gradient
+    cut where the *signed* distance s falls below the target's stop (so a negative prompt
+    ``blue:-1:-1.2`` stops pushing once it is far enough).  cut_embeds [B, N, D] -> [B]."""
     x = F.normalize(cut_embeds, dim=-1)[:, :, None]  # [B, N, 1, D]
     t = F.normalize(embeds, dim=-1)[:, None]  # [B, 1, T, D]
-    d = spherical_distance(x, t)  # [B, N, T]
+    d = spherical_distance(x, t) * weights.sign()[:, None]  # [B, N, T], signed
     d = replace_grad(d, torch.maximum(d, stops[:, None]))
-    return (weights.abs() * (weights.sign()[:, None] * d).mean(1)).sum(-1)
+    return (weights.abs() * d.mean(1)).sum(-1)
 
 
 def cosine_loss(cut_embeds: torch.Tensor, embeds: torch.Tensor, weights: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:

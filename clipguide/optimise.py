@@ -73,10 +73,13 @@ class Result:
     checkpoint: Checkpoint | None = field(default=None, repr=False)  # the state after steps_done updates
 
 
-def describe_models(decoder, clip) -> dict:
-    """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files)."""
+def describe_models(decoder, clip, cfg: RunConfig | None = None) -> dict:
+    """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files).
+    With ``cfg``: a run with an init image also records a dVAE encoder kept in its own file (OpenAI's
+    encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only."""
+    encodes = cfg is not None and bool(cfg.init_image) and getattr(decoder, "encoder_source", None) is not None
     return {
-        "decoder": decoder.describe(),
+        "decoder": decoder.describe(encoder=True) if encodes else decoder.describe(),
         "clip": {"name": clip.name, "sha256": getattr(clip, "sha256", None), "image_size": clip.image_size},
     }
 
@@ -236,7 +239,7 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callable[[StepState], None
         raise ConfigError("no prompt given: pass at least one prompt")
     if cfg.device == AUTO:  # run where the caller put the models (load_models puts them on the best device)
         cfg = cfg.replace(device=str(getattr(clip, "device", "cpu")))
-    models = describe_models(decoder, clip)
+    models = describe_models(decoder, clip, cfg)
     callbacks = callback if isinstance(callback, list) else [callback] if callback else []
     runs = cfg.runs()
     seeds = [s for _, s in runs]

@@ -1,13 +1,8 @@
 """Presets: named :class:`RunConfig` values reproducing the 2021 recipes.
 
 Every preset is faithful to its notebook as methods.md describes it unless its
-``deviations`` say otherwise.  Deviations common to all of them:
-
-* randomness comes from per-run ``torch.Generator`` s instead of the global RNG,
-  so the numbers drawn differ from the notebooks' (the distributions do not);
-* CLIP is open_clip's port of OpenAI's ViT-B/32 (QuickGELU), not ``clip.load``
-  with ``jit=True`` (which only ran on torch 1.7.1);
-* the notebooks ran until interrupted or for 10 000 steps; ``steps`` bounds the run.
+``deviations`` say otherwise; :data:`COMMON_DEVIATIONS` are those of all the notebook
+presets (``clipguide presets`` prints both).
 """
 
 from __future__ import annotations
@@ -23,6 +18,20 @@ from .errors import ConfigError
 
 REAL = dict(decoder="dalle", clip="ViT-B-32/openai")
 ALEPH = dict(**REAL, size=512, loss="cosine", loss_scale=10.0, optimiser="adam", clamp_grad=False, cutn=64, cut_resample="bilinear", steps=10000)
+
+
+# Deviations of every notebook preset from its notebook (tests/test_faithful.py compares one step of
+# each Crowson preset with the notebook's operations on the same draws).
+COMMON_DEVIATIONS = (
+    "randomness comes from per-run torch.Generators instead of the global RNG, so the numbers drawn differ from "
+    "the notebooks' (the distributions do not)",
+    "CLIP is open_clip's port of OpenAI's ViT-B/32 (QuickGELU), not clip.load with jit=True (which only ran on "
+    "torch 1.7.1)",
+    "the notebooks ran until interrupted or for 10 000 steps; steps bounds the run",
+    "the cutouts are cropped and resized by two batched matrix products per run instead of one resample call per "
+    "cutout: the same arithmetic up to float rounding (a pixel that rounding puts just outside [0, 1] can flip "
+    "ClampWithGrad's gradient there, as any change of summation order would)",
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ _add(
     "The notebook loops until interrupted; here 1000 steps by default. Snapshots decode the argmax "
     "tokens with a Laplace pixel sample seeded by (seed, step), as the notebook's checkin samples.",
     **REAL, size=480, steps=1000, latent="categorical", init="randn", blacklist=True, noise_scale=1.0,
-    display_noise=True, display="argmax", cutn=64, cut="crowson", cut_pow=1.0, cut_resample="lanczos",
+    display_noise=True, display="argmax", cutn=64, cut="crowson", cut_pow=1.0, cut_resample="lanczos", cut_clamp=True,
     loss="spherical", optimiser="adamw", lr=0.05,
 )
 _add(
@@ -75,7 +84,11 @@ _add(
     "temperature 16 ÷1.01 per step (floor 1.5), batch 2, Adam 0.01 with lr ×1.015 per step (methods.md §5.3).",
     "Known only from a script port ('originally' values; medium confidence); its run length is unknown: "
     "1000 steps here. Snapshots use the sharpie decode (see aleph2image-delta). Codes beyond a smaller "
-    "decoder's vocabulary are taken modulo its size.",
+    "decoder's vocabulary are taken modulo its size. The port optimises its two images as one batch: one loss "
+    "averaged over both and one crop set shared by both; here they are two independent runs (seeds s and s+1), "
+    "each with its own crops and its whole gradient, so that a run's image never depends on what else is in its "
+    "batch (clipguide's reproducibility rule). Each run's gradient is thus twice the port's; Adam's update does "
+    "not change with the gradient's scale except where gradients are near its eps (1e-8).",
     **{**ALEPH, "steps": 1000}, latent="parity-gumbel", init="onehot-codes", init_codes=(4846, 4368, 7675),
     temperature=16.0, temperature_decay=1.01, temperature_floor=1.5, batch=2, display="sharpie",
     cut="normal", cut_range=(0.8, 0.3, 0.5, 0.98), lr=0.01, lr_growth=1.015,
@@ -93,7 +106,7 @@ _add(
 
 # Crowson's VQGAN notebooks (methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.
 VQGAN_CROWSON = dict(clip="ViT-B-32/openai", size=480, steps=1000, cutn=64, cut="crowson", cut_pow=1.0,
-                     cut_resample="lanczos", loss="spherical", lr=0.05, display="argmax", blacklist=False, noise_scale=0.0)
+                     cut_resample="lanczos", cut_clamp=True, loss="spherical", lr=0.05, display="argmax", blacklist=False, noise_scale=0.0)
 _add(
     "vqgan-codebook",
     "Crowson's VQGAN codebook sampling (2021): straight-through categorical sampling over the VQGAN codebook "

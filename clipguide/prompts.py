@@ -12,7 +12,7 @@ Grammar (one prompt string = one run)::
   the right: ``weight`` (default 1) and ``stop`` (default -inf, never stop pulling).
   A field that does not start like a number (``//host/a.png``, ``\\pics\\a.png``, ``sunset``)
   stays part of the value, so URLs and Windows paths survive; a field that does
-  (``1x``, ``0.5.3``, ``1,5``) is an error.
+  (``1x``, ``0.5.3``, ``1,5``, ``nan``) is an error.
 * **Kinds**: ``text:``, ``image:`` or ``noise:`` directly followed by the value
   (no space) names the kind.  Without one, an ``http(s)://`` URL, or a value without
   whitespace ending in an image suffix (.png, .jpg, ...), is an image prompt;
@@ -51,11 +51,13 @@ MAX_SEED = 2**63 - 1
 
 _KIND_PREFIX = re.compile(r"(text|image|noise):(?=\S)")
 # A field the user meant as a number: starts like one and has no path separator or space.
-_NUMBER_LIKE = re.compile(r"[+-]?(\.?\d[^\s/\\]*|inf|infinity)", re.IGNORECASE)
-# Midjourney: the weight right after '::' ends at whitespace, a comma or the end.
-_MJ_WEIGHT = re.compile(r"\s*([+-]?\.?\d[^\s,]*)")
+# nan counts as a number so that it is refused (weight nan, stop nan), not kept as text.
+_NUMBER_LIKE = re.compile(r"[+-]?(\.?\d[^\s/\\]*|inf|infinity|nan)", re.IGNORECASE)
+# Midjourney: the weight right after '::' ends at whitespace, a comma or the end;
+# inf, infinity and nan standing alone there are weights too (and refused as not finite).
+_MJ_WEIGHT = re.compile(r"\s*([+-]?(?:\.?\d[^\s,]*|(?:inf|infinity|nan)(?=[\s,]|$)))", re.IGNORECASE)
 _URL = re.compile(r"https?://\S+", re.IGNORECASE)
-ELEMENT_HINT = ("weights and stops are plain numbers, e.g. 'blue:-0.5:0.2' "
+ELEMENT_HINT = ("weights and stops are plain numbers, e.g. 'blue:-0.5:-1.2' "
                 "(if it is part of the text, end the element with ':1:-inf')")
 MIDJOURNEY_HINT = "a Midjourney weight is a plain number right after '::', e.g. 'white::-0.5'"
 
@@ -91,7 +93,7 @@ class Target:
     kind: str  # "text" | "image" | "noise"
     value: str  # the text, an image path or URL, or the noise seed (decimal)
     weight: float = 1.0
-    stop: float = -math.inf  # spherical distance below which the target stops pulling
+    stop: float = -math.inf  # the gradient stops where the distance, signed by the weight, is below this (Crowson)
 
     def __str__(self) -> str:
         return canonical_target(self)
@@ -195,7 +197,7 @@ def _element(piece: str, start: int, prompt: str) -> list[Target]:
         fields.insert(0, (_number(field, prompt, f_start, ELEMENT_HINT), *_span(field, f_start)))
         body = left
     weight = _finite(*fields[0], prompt) if fields else 1.0
-    stop = fields[1][0] if len(fields) == 2 else -math.inf
+    stop = _stop(*fields[1], prompt) if len(fields) == 2 else -math.inf
     return [_target(kind, body, body_start, prompt, weight, stop)]
 
 
@@ -208,6 +210,14 @@ def _finite(weight: float, a: int, b: int, prompt: str) -> float:
     if not math.isfinite(weight):
         raise PromptError(f"weight {weight} is not finite: give a finite number", prompt, a, b)
     return weight
+
+
+def _stop(stop: float, a: int, b: int, prompt: str) -> float:
+    """A stop as Crowson's Prompt takes it: a number, or -inf (never stop); nan is none, and +inf would
+    stop the gradient everywhere while making the loss infinite."""
+    if math.isnan(stop) or stop == math.inf:
+        raise PromptError(f"stop {stop} is not usable: give a number, e.g. -1.2, or -inf (never stop)", prompt, a, b)
+    return stop
 
 
 def _kind_prefix(text: str, start: int) -> tuple[str | None, str, int]:

@@ -118,7 +118,7 @@ def _run(cfg: RunConfig, out: Path, preset: str | None, overwrite: bool, output_
     from .optimise import optimise
 
     decoder, clip = load_models(cfg)
-    models = describe_models(decoder, clip)
+    models = describe_models(decoder, clip, cfg)
     saver = Snapshotter(out, cfg, models, preset=preset, overwrite=overwrite, output_filter=output_filter)
     saver.finish(optimise(cfg, decoder, clip, saver))
     return models
@@ -135,7 +135,7 @@ def _setup_differences(manifest: dict, path: Path, recorded: RunConfig, cfg: Run
         out.append(f"the recorded run was interrupted at step {cfg.steps} of {recorded.steps}: replayed {cfg.steps} steps")
     for role in ("decoder", "clip"):
         was, got = manifest.get("models", {}).get(role, {}), models[role]
-        for key in ("name", "sha256"):
+        for key in ("name", "sha256", "encoder_sha256"):  # encoder_sha256: a dVAE's encoder.pkl, init-image runs only
             if was.get(key) != got.get(key):
                 out.append(f"{role} {key}: recorded {was.get(key)}, replayed with {got.get(key)}")
     out += _input_differences(manifest)

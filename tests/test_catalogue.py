@@ -11,7 +11,7 @@ import pytest
 from clipguide import catalogue, weights
 from clipguide.clip import RECOMMENDED_CLIPS
 from clipguide.config import RunConfig
-from clipguide.presets import DEFAULT_PRESET, PRESETS
+from clipguide.presets import COMMON_DEVIATIONS, DEFAULT_PRESET, PRESETS
 
 
 class NetworkTouched(BaseException):
@@ -46,8 +46,13 @@ def test_default_preset_comes_first_then_table_order():
     lines = catalogue.format_presets().splitlines()
     assert lines[0] == f"{DEFAULT_PRESET} (default)"
     names = [line for line in lines if line and not line.startswith(" ")]
-    assert names[1:] == [name for name in PRESETS if name != DEFAULT_PRESET]
+    assert names[1:] == [name for name in PRESETS if name != DEFAULT_PRESET] + ["deviations of every notebook preset:"]
     assert sum("(default)" in line for line in lines) == 1
+
+
+def test_common_deviations_are_listed():
+    text = " ".join(catalogue.format_presets(width=1000).split())
+    assert all(" ".join(d.split()) in text for d in COMMON_DEVIATIONS)
 
 
 def test_presets_wrap_to_width():

@@ -322,3 +322,190 @@ def test_safetensors_dvae_wrong_kind(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"kind": "taming"}))
     with pytest.raises(ConfigError, match="kind 'taming'"):
         load_dalle_safetensors(tmp_path / "m.json")
+
+
+# --- the dVAE encoder of OpenAI's files: encoder.pkl, loaded by the first encode (--init-image) -------
+
+
+@pytest.fixture(scope="module")
+def tiny_pickles(tmp_path_factory):
+    """(encoder, folder): a tiny dall_e decoder.pkl and encoder.pkl side by side, pickled as OpenAI's are."""
+    encoder, decoder = _seeded(lambda: (Encoder(**TINY["encoder"]), Decoder(**TINY["decoder"])), seed=3)
+    folder = tmp_path_factory.mktemp("dvae-pickles")
+    _save_like_torch_1_7(decoder, folder / "decoder.pkl")
+    torch.save(encoder, folder / "encoder.pkl")
+    return encoder.eval().requires_grad_(False), folder
+
+
+def _images(side=32):
+    return torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(5))
+
+
+def _copy(folder, to, names=("decoder.pkl", "encoder.pkl")):
+    import shutil
+
+    to.mkdir()
+    for name in names:
+        shutil.copy(folder / name, to / name)
+    return to / "decoder.pkl"
+
+
+def test_local_decoder_pkl_encodes_with_the_encoder_pkl_beside_it(decoder_file, encoder_file, tmp_path):
+    """Full size: load_decoder(decoder.pkl).encode_logits is dall_e's encoder(map_pixels(x))."""
+    from dall_e import map_pixels
+
+    from clipguide.decoders import load_decoder
+
+    (tmp_path / "decoder.pkl").symlink_to(decoder_file[1])
+    (tmp_path / "encoder.pkl").symlink_to(encoder_file[1])
+    decoder = load_decoder(str(tmp_path / "decoder.pkl"))
+    assert decoder.encoder is None  # loading the decoder does not load the encoder
+    x = _images()
+    got = decoder.encode_logits(x)
+    assert got.shape == (2, 8192, 4, 4)
+    torch.testing.assert_close(got, encoder_file[0](map_pixels(x)), rtol=0, atol=1e-6)
+    assert decoder.encoder_sha256 == weights.sha256_file(encoder_file[1])
+    assert not any(p.requires_grad for p in decoder.encoder.parameters())
+
+
+def test_registry_dalle_fetches_encoder_pkl_on_first_encode_and_checks_it_on_next_use(tiny_pickles, cache, monkeypatch):
+    from dall_e import map_pixels
+
+    from clipguide.decoders import load_decoder
+
+    reference, folder = tiny_pickles
+    for kind in ("decoder", "encoder"):  # the "download": file:// URLs through the real fetch
+        monkeypatch.setitem(weights.DALLE_FILES[kind], "url", (folder / f"{kind}.pkl").as_uri())
+    cached = cache / "dalle" / "encoder.pkl"
+    decoder = load_decoder("dalle")
+    assert (cache / "dalle" / "decoder.pkl").is_file() and not cached.exists()
+    x = _images()
+    got = decoder.encode_logits(x)
+    sha = weights.sha256_file(folder / "encoder.pkl")
+    assert cached.is_file() and cached.with_name("encoder.pkl.sha256").read_text().split() == [sha, "encoder.pkl"]
+    assert decoder.encoder_sha256 == sha
+    torch.testing.assert_close(got, reference(map_pixels(x)), rtol=0, atol=1e-6)
+    assert torch.equal(load_decoder("dalle").encode_logits(x), got)  # next use: served from the cache, checked
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))  # the cached file changes on disk
+    with pytest.raises(WeightsError) as err:
+        load_decoder("dalle").encode_logits(x)
+    _assert_one_line(err, cached, sha, "delete it to re-download")
+
+
+def test_a_run_without_init_image_never_touches_the_encoder(tiny_pickles, tiny_clip, cache, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from clipguide import RunConfig, optimise
+    from clipguide.decoders import load_decoder
+
+    _, folder = tiny_pickles
+    monkeypatch.setitem(weights.DALLE_FILES["decoder"], "url", (folder / "decoder.pkl").as_uri())
+    monkeypatch.setitem(weights.DALLE_FILES["encoder"], "url", "http://127.0.0.1:9/encoder.pkl")  # a fetch would fail
+    local = _copy(folder, tmp_path / "local", ("decoder.pkl",))
+    marker = tmp_path / "pwned"
+    (local.parent / "encoder.pkl").write_bytes(pickle.dumps(_Payload(marker), protocol=2))  # unloadable if read
+    touched = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def wrapped(path, *args, **kwargs):
+            touched.append(Path(path).name)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(safeload, "load_pickle_module")
+    spy(weights, "sha256_file")
+    for spec in ("dalle", str(local)):
+        decoder = load_decoder(spec)
+        cfg = RunConfig(prompts=("a red circle",), size=32, cutn=2, steps=2, decoder=spec, clip="t")
+        result = optimise(cfg, decoder, tiny_clip)
+        assert result.models["decoder"] == {"name": decoder.name, "sha256": decoder.sha256, "vocab_size": 512, "downsample": 8}
+        assert decoder.encoder is None
+    assert "decoder.pkl" in touched and "encoder.pkl" not in touched, touched
+    assert not (cache / "dalle" / "encoder.pkl").exists() and not marker.exists()
+    # the spy does see the encoder when a run needs it: an init image, with the real encoder.pkl in place
+    import shutil
+
+    from PIL import Image
+
+    shutil.copy(folder / "encoder.pkl", local.parent / "encoder.pkl")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "init.png")
+    cfg = RunConfig(prompts=("a red circle",), size=32, cutn=2, steps=1, decoder=str(local), clip="t",
+                    init_image=str(tmp_path / "init.png"))
+    result = optimise(cfg, decoder, tiny_clip)
+    assert touched.count("encoder.pkl") == 2  # hashed and unpickled, once
+    assert result.models["decoder"]["encoder_sha256"] == decoder.encoder_sha256 is not None
+
+
+def test_missing_encoder_pkl_beside_a_local_decoder_is_one_line(tiny_pickles, tiny_model_files, tmp_path, capsys):
+    from PIL import Image
+
+    from clipguide import RunConfig
+    from clipguide.cli import main
+    from clipguide.decoders import load_decoder
+    from clipguide.optimise import check_fits
+
+    local = _copy(tiny_pickles[1], tmp_path / "local", ("decoder.pkl",))
+    expected = local.parent / "encoder.pkl"
+    decoder = load_decoder(str(local))  # a decoder alone is fine until an image is to be encoded
+    with pytest.raises(WeightsError) as err:
+        decoder.encode_logits(_images())
+    _assert_one_line(err, expected, "--decoder dalle", weights.DALLE_FILES["encoder"]["url"])
+    init = tmp_path / "init.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    with pytest.raises(WeightsError) as err:  # refused by the checks a run passes before its folder is made
+        check_fits(RunConfig(prompts=("x",), size=32, init_image=str(init)), decoder)
+    _assert_one_line(err, expected)
+    out = tmp_path / "run"
+    rc = main(["generate", "x", "--decoder", str(local), "--clip", str(tiny_model_files[1]), "--size", "32", "--cutn", "2",
+               "--steps", "2", "--init-image", str(init), "--out", str(out)])
+    msg = capsys.readouterr().err.strip()
+    assert rc == 2 and len(msg.splitlines()) == 1 and str(expected) in msg, msg
+    assert not out.exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_generate_with_init_image_on_pickled_dvae_records_the_encoder_and_resumes(tiny_pickles, tiny_model_files, tmp_path):
+    import clipguide
+    from PIL import Image
+
+    from clipguide.snapshots import read_manifest
+
+    local = _copy(tiny_pickles[1], tmp_path / "dvae")
+    init = tmp_path / "init.png"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(init)
+    kw = dict(decoder=str(local), clip=str(tiny_model_files[1]), size=32, cutn=2, seed=3, steps=4)
+    reference = clipguide.generate("a red circle", out_dir=tmp_path / "ref", init_image=str(init), **kw)
+    encoder_sha = weights.sha256_file(local.parent / "encoder.pkl")
+    assert read_manifest(tmp_path / "ref")["models"]["decoder"]["encoder_sha256"] == encoder_sha
+    # a plain run with the same (cached, encoder now loaded) decoder: its record is what it always was
+    plain = clipguide.generate("a red circle", **kw)
+    assert "encoder_sha256" not in plain.models["decoder"] and not torch.equal(plain.images, reference.images)
+
+    def crash_at_3(state):
+        if state.step == 3:
+            raise _Crash
+
+    run = tmp_path / "run"
+    with pytest.raises(_Crash):
+        clipguide.generate("a red circle", out_dir=run, init_image=str(init), callback=crash_at_3, checkpoint_every=2, **kw)
+    clipguide.generation.cached_decoder.cache_clear()  # as in a new process: the encoder is not loaded yet
+    resumed = clipguide.resume(run)
+    assert torch.equal(resumed.images, reference.images) and torch.equal(resumed.losses, reference.losses)
+    assert read_manifest(run)["models"] == read_manifest(tmp_path / "ref")["models"]
+    other = _seeded(lambda: Encoder(**TINY["encoder"]), seed=4)  # another encoder.pkl: not the same run any more
+    torch.save(other, local.parent / "encoder.pkl")
+    clipguide.generation.cached_decoder.cache_clear()
+    try:
+        with pytest.raises(WeightsError, match="models differ") as err:
+            clipguide.resume(run)
+        _assert_one_line(err, f"encoder sha256 {encoder_sha[:12]}")
+    finally:
+        clipguide.generation.cached_decoder.cache_clear()

@@ -120,6 +120,23 @@ def test_story_targets_switch_in_the_loop_and_snapshots_still_match(tiny_dvae, t
     ("noise:abc:0.5", "abc", "noise seed"),
     ("polar bear::0.6x white", "0.6x", "Midjourney weight"),
     ("a cat:", ":", "nothing after ':'"),
+    # NaN is refused like inf, as a weight or a stop, in either syntax and in any case or sign
+    ("a cat:nan", "nan", "weight nan is not finite"),
+    ("a cat:NaN", "NaN", "weight nan is not finite"),
+    ("a | b:-nan", "-nan", "weight nan is not finite"),
+    ("a cat:+NAN:0.2", "+NAN", "weight nan is not finite"),
+    ("a cat:nan:1", "nan", "weight nan is not finite"),  # not weight 1 of the text "a cat:nan"
+    ("a cat:1:nan", "nan", "stop nan is not usable"),
+    ("a cat:1:inf", "inf", "stop inf is not usable"),
+    ("a cat:-1:-NaN", "-NaN", "stop nan is not usable"),
+    ("polar bear::nan white", "nan", "weight nan is not finite"),
+    ("polar bear::0.6, white:: NaN", "NaN", "weight nan is not finite"),
+    ("polar bear::-nan", "-nan", "weight nan is not finite"),
+    ("a cat:inf", "inf", "weight inf is not finite"),
+    ("a cat:-Infinity:0.2", "-Infinity", "weight -inf is not finite"),
+    ("a cat:1e999", "1e999", "weight inf is not finite"),
+    ("polar bear::inf white", "inf", "weight inf is not finite"),
+    ("polar bear::1e999 white", "1e999", "weight inf is not finite"),
 ])
 def test_errors_point_at_the_mistake(prompt, culprit, needle):
     with pytest.raises(PromptError) as info:
@@ -129,6 +146,24 @@ def test_errors_point_at_the_mistake(prompt, culprit, needle):
     assert f"»{culprit}«" in str(e) and "\n" not in str(e)
     assert e.caret.splitlines()[1].index("^") == e.start
     assert isinstance(e, ConfigError)
+
+
+def test_nan_in_the_text_stays_text_and_numbers_still_parse():
+    assert parse_targets("nan") == [Target("text", "nan")]  # no ':', nothing to peel: a whole prompt "nan" is text
+    assert parse_targets("banana:0.5 | nanny:-1 | a:nancy") == [
+        Target("text", "banana", 0.5), Target("text", "nanny", -1.0), Target("text", "a:nancy")]
+    assert parse_targets("nan:0.5") == [Target("text", "nan", 0.5)]
+    assert parse_targets("grand:nan:1:-inf") == [Target("text", "grand:nan")]  # the hint's way to keep ':nan' as text
+    assert canonical(parse_targets("grand:nan:1:-inf")) == "grand:nan:1:-inf"
+    assert parse_targets("nan::3 bread | a::1 nan bread") == [
+        Target("text", "nan", 0.75), Target("text", "bread", 0.25), Target("text", "a", 0.5), Target("text", "nan bread", 0.5)]
+    assert parse_targets("a:: nancy b | c::infinite pool | d::1 infinity pool") == [  # a lone inf/nan after '::' is a weight
+        Target("text", "a", 0.5), Target("text", "nancy b", 0.5), Target("text", "c", 0.5), Target("text", "infinite pool", 0.5),
+        Target("text", "d", 0.5), Target("text", "infinity pool", 0.5)]
+    assert parse_targets("a:1e-3:0.2 | b:+2:-inf | c:.5:-0.25 | d:1E1") == [
+        Target("text", "a", 0.001, 0.2), Target("text", "b", 2.0), Target("text", "c", 0.5, -0.25), Target("text", "d", 10.0)]
+    with pytest.raises(PromptError, match="weight nan is not finite"):
+        RunConfig(prompts=("a cat:nan",))  # checked with the config, before models load
 
 
 def test_story_without_schedule_is_a_config_error():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..ops import cast_copy
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -49,13 +49,19 @@ DECODERS = {
         "taming Gumbel-quantized VQGAN, OpenImages, f=8, 8192 codes",
         "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/?p=%2Fconfigs%2Fmodel.yaml&dl=1",
         "https://heibox.uni-heidelberg.de/d/2e5662443a6b4307b470/files/?p=%2Fckpts%2Flast.ckpt&dl=1"),
-    # The WikiArt models' only known host is nerdyrodent's mirror, reported gone (peers.md pain 4).
+    # The WikiArt models: the pixray project's v1.7.1 GitHub release assets, URLs as in
+    # github.com/pixray/pixray, file vqgan.py (vqgan_config_table / vqgan_checkpoint_table, commit
+    # 30d7aff "Updated vqgan_wikiart model downloads").  The older host, mirror.io.community, is
+    # reported gone: nerdyrodent/VQGAN-CLIP's download_models.sh dropped it (commit c350803) and
+    # pixray keeps it only as a fallback entry ("wikiart_1024m", "wikiart_16384m2").
     "vqgan-wikiart-f16-1024": _taming(
         "VQGAN fine-tuned on WikiArt, f=16, 1024 codes (community model)",
-        "http://mirror.io.community/blob/vqgan/wikiart.yaml", "http://mirror.io.community/blob/vqgan/wikiart.ckpt"),
+        "https://github.com/pixray/pixray/releases/download/v1.7.1/vqgan_wikiart_1024.yaml",
+        "https://github.com/pixray/pixray/releases/download/v1.7.1/vqgan_wikiart_1024.ckpt"),
     "vqgan-wikiart-f16-16384": _taming(
         "VQGAN fine-tuned on WikiArt, f=16, 16384 codes (community model)",
-        "http://mirror.io.community/blob/vqgan/wikiart_16384.yaml", "http://mirror.io.community/blob/vqgan/wikiart_16384.ckpt"),
+        "https://github.com/pixray/pixray/releases/download/v1.7.1/vqgan_wikiart_16384.yaml",
+        "https://github.com/pixray/pixray/releases/download/v1.7.1/vqgan_wikiart_16384.ckpt"),
     "vqgan-coco": _taming(
         "first stage of taming's COCO Net2Net transformer (8.4 GB checkpoint)",
         "https://dl.nmkd.de/ai/clip/coco/coco.yaml", "https://dl.nmkd.de/ai/clip/coco/coco.ckpt"),
@@ -78,6 +84,10 @@ class DalleDecoder:
     The decoder outputs a logit-Laplace distribution: channels 0-2 are the
     location and 3-5 the log-scale.  Pixels are sigmoid(loc [+ Laplace noise]),
     then ``unmap_pixels`` without its clamp: (x - 0.1) / 0.8.
+
+    The encoder (``--init-image`` only) is ``encoder``, or, for OpenAI's files, where its own
+    ``encoder.pkl`` lives (``encoder_source``): it is loaded on first use, so a run without an
+    init image never downloads nor reads that 100+ MB file.
     """
 
     module: torch.nn.Module
@@ -87,6 +97,11 @@ class DalleDecoder:
     downsample: int = 8
     logit_laplace_eps: float = 0.1
     extra: dict = field(default_factory=dict)
+    # Where the encoder is while ``encoder`` is None: a Path (encoder.pkl beside a local decoder.pkl) or a
+    # str, the URL of the registry's encoder.pkl (fetched into the weights cache, sha256 recorded and
+    # checked like decoder.pkl's).  None: ``encoder`` is all there is (a .json dVAE holds both).
+    encoder_source: Path | str | None = None
+    encoder_sha256: str | None = None  # of the encoder_source file, once loaded
 
     @property
     def vocab_size(self) -> int:
@@ -109,12 +124,39 @@ class DalleDecoder:
     def encode_logits(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> the encoder's code logits [B, V, H/8, W/8]
         (Crowson's init_image: ``encoder(map_pixels(x))`` become the initial logits)."""
-        if self.encoder is None:
+        encoder = self.load_encoder()
+        x = images.to(next(encoder.parameters()).device).float()
+        eps = self.logit_laplace_eps
+        return encoder((1 - 2 * eps) * x + eps).float()  # dall_e.map_pixels, then the encoder
+
+    def check_encoder(self) -> None:
+        """Raise the one-line error that encoding an image would meet (no encoder at all, or a local
+        encoder.pkl that is missing) without loading or downloading anything (check_latent calls this
+        before a run starts)."""
+        if self.encoder is not None:
+            return
+        if self.encoder_source is None:
             raise ConfigError(f"decoder {self.name!r} was loaded without its dVAE encoder, which --init-image needs: "
                               "use a model .json with an encoder (e.g. shapes-dvae)")
-        x = images.to(next(self.encoder.parameters()).device).float()
-        eps = self.logit_laplace_eps
-        return self.encoder((1 - 2 * eps) * x + eps).float()  # dall_e.map_pixels, then the encoder
+        if isinstance(self.encoder_source, Path) and not self.encoder_source.is_file():
+            from ..weights import DALLE_FILES
+
+            raise WeightsError(f"--init-image needs the dVAE encoder {self.encoder_source}, which does not exist: put "
+                               f"OpenAI's encoder.pkl ({DALLE_FILES['encoder']['url']}) in {self.encoder_source.parent}, "
+                               "beside the decoder.pkl, or use --decoder dalle, which downloads both")
+
+    def load_encoder(self) -> torch.nn.Module:
+        """The encoder, loaded from ``encoder_source`` on first use (fetched into the cache if need be,
+        through the same restricted unpickler and sha256 checks as decoder.pkl), on the decoder's device."""
+        if self.encoder is None:
+            from . import dalle_files
+
+            self.check_encoder()
+            src = self.encoder_source
+            path = src if isinstance(src, Path) else dalle_files.fetch_dalle_file("encoder", src)
+            device = next(self.module.parameters()).device
+            self.encoder, self.encoder_sha256 = dalle_files.load_dalle_encoder(path, device)
+        return self.encoder
 
     def __post_init__(self):
         self.module.to(memory_format=torch.channels_last)
@@ -136,8 +178,24 @@ class DalleDecoder:
             self.encoder.to(device)
         return self
 
-    def describe(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "downsample": self.downsample}
+    def describe(self, encoder: bool = False) -> dict:
+        """What identifies the decoder in a run's record (compared on resume).  ``encoder``: the run
+        encodes an init image; an encoder in a file of its own (OpenAI's encoder.pkl) then adds that
+        file's sha256 as "encoder_sha256", loading the encoder (an encoder stored with the decoder,
+        a .json dVAE's, is already covered by "sha256").
+
+        The key depends on the run's config alone (describe_models passes ``encoder``), never on whether
+        the encoder happens to be loaded already: generation.cached_decoder shares one decoder between the
+        runs of a process, so "add it once loaded" would give a plain run after an --init-image run a
+        different record, and a resumed --init-image run (fresh process, encoder not loaded yet when
+        checkpoint.open_run describes it) a mismatch.  This way a plain run's record is what it always
+        was, and a resumed --init-image run, which encodes its init image again, records the same
+        encoder sha256 and is refused if the file changed."""
+        out = {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "downsample": self.downsample}
+        if encoder and self.encoder_source is not None:
+            self.load_encoder()
+            out["encoder_sha256"] = self.encoder_sha256
+        return out
 
 
 def cast_dalle_convs(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -161,8 +219,9 @@ def resolve_shipped(rel: str) -> Path:
 
 def load_decoder(spec: str, device: str = "cpu"):
     """A decoder from a registry name (``dalle``, ``shapes-dvae``, ``vqgan-imagenet-f16-16384``, ...)
-    or a file: ``decoder.pkl`` as published by OpenAI, a model ``.json`` + ``.safetensors``, a
-    taming ``CONFIG.yaml`` (checkpoint: ``CONFIG.ckpt`` beside it) or ``CONFIG.yaml:CHECKPOINT.ckpt``."""
+    or a file: ``decoder.pkl`` as published by OpenAI (for --init-image, ``encoder.pkl`` beside it), a
+    model ``.json`` + ``.safetensors``, a taming ``CONFIG.yaml`` (checkpoint: ``CONFIG.ckpt`` beside it)
+    or ``CONFIG.yaml:CHECKPOINT.ckpt``."""
     from . import dalle_files
 
     entry = DECODERS.get(spec)
@@ -171,12 +230,14 @@ def load_decoder(spec: str, device: str = "cpu"):
         path, entry = resolve_shipped(entry["path"]), None
     if entry is not None and entry["format"] == "taming":
         return _load_registry_vqgan(spec, entry, device)
-    if entry is not None:  # dalle
+    if entry is not None:  # dalle; its encoder.pkl is fetched by the first encode (--init-image) only
+        from ..weights import DALLE_FILES
+
         module, sha = dalle_files.load_dalle_decoder(None, device)
-        return DalleDecoder(module, name=spec, sha256=sha)
-    if path.suffix == ".pkl":
+        return DalleDecoder(module, name=spec, sha256=sha, encoder_source=DALLE_FILES["encoder"]["url"])
+    if path.suffix == ".pkl":  # the encoder, for --init-image only: encoder.pkl in the same folder
         module, sha = dalle_files.load_dalle_decoder(path, device)
-        return DalleDecoder(module, name=path.name, sha256=sha)
+        return DalleDecoder(module, name=path.name, sha256=sha, encoder_source=path.with_name("encoder.pkl"))
     if path.suffix == ".json":
         return _load_json_decoder(path, device)
     taming_files = taming_paths(spec)

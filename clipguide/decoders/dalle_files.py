@@ -80,10 +80,16 @@ def repair_upsample(module: nn.Module) -> nn.Module:
     return module
 
 
+def fetch_dalle_file(kind: str, url: str | None = None) -> Path:
+    """The cached copy of OpenAI's ``kind``.pkl ("decoder" or "encoder"), downloaded from ``url``
+    (default: the registry's) on first use; its sha256 is recorded then and checked on every use."""
+    entry = weights.DALLE_FILES[kind]
+    return weights.fetch(url or entry["url"], subdir="dalle", sha256=entry["sha256"])
+
+
 def _load_pickled(kind: str, cls: type, path, device) -> tuple[nn.Module, str]:
     if path is None:
-        entry = weights.DALLE_FILES[kind]
-        path = weights.fetch(entry["url"], subdir="dalle", sha256=entry["sha256"])
+        path = fetch_dalle_file(kind)
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"dVAE {kind} file {path} does not exist: check the path, or omit it to download {kind}.pkl")
