@@ -234,21 +234,38 @@ def run_generation(args, prompts: list[str]) -> int:
 
 
 def thread_note(device: str, load: float | None = None, cores: int | None = None) -> str | None:
-    """A hint when the CPU is already busy (load average at or above the free cores): torch's
-    threads then wait on each other, and fewer are faster.  None on a GPU or an idle machine."""
+    """A hint when other processes keep the CPU busy (``load``: cores in use by them, measured by
+    :func:`busy_cores`) so that torch's threads would outnumber the free cores: they then wait on
+    each other, and fewer are faster.  None on a GPU or a machine with room."""
     import torch
 
     if device != "cpu":
         return None
     cores = cores or os.cpu_count() or 1
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = busy_cores() if load is None else load
     threads = torch.get_num_threads()
-    if load < cores - threads + 1 or threads == 1:
+    if threads == 1 or load is None or load + threads <= cores + 0.5:
         return None
     free = max(1, round(cores - load))
-    return (f"this machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads: "
+    return (f"other processes keep {load:.1f} of {cores} cores busy and torch uses {threads} threads: "
             f"--threads {free} (or OMP_NUM_THREADS={free}) may be faster")
+
+
+def busy_cores(seconds: float = 0.2) -> float | None:
+    """Cores kept busy by other processes, from /proc/stat over ``seconds`` while this one sleeps (the
+    load average would count the previous run's own threads for a minute); None where there is no /proc."""
+    def ticks():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = ticks()
+        time.sleep(seconds)
+        busy1, total1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
 
 def cmd_resume(args) -> int:

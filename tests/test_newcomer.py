@@ -1,6 +1,7 @@
 """A newcomer's first hour (issue 30): start-up, Ctrl-C while loading, --help, warnings, devices."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import clipguide
-from clipguide.cli import build_parser, main, thread_note
+from clipguide.cli import build_parser, busy_cores, main, thread_note
 from clipguide.config import GROUPS, RunConfig
 from clipguide.devices import check_device, resolve_device
 from clipguide.errors import ConfigError
@@ -97,6 +98,8 @@ def test_the_cli_warns_in_one_line(capsys, tmp_path):
 
 
 def test_busy_machine_hint():
+    busy = busy_cores(0.05)
+    assert busy is None or 0 <= busy <= os.cpu_count() + 1e-9
     threads = torch.get_num_threads()
     assert thread_note("cuda", load=50.0, cores=2) is None
     assert thread_note("cpu", load=0.1, cores=threads) is None
