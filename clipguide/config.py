@@ -116,7 +116,7 @@ class RunConfig:
     weight_decay: float = _f("optimisation", 0.0, "AdamW weight decay")
 
     def __post_init__(self):
-        self.prompts = tuple(self.prompts)
+        self.prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)  # one prompt, not its letters
         self.snapshots = tuple(sorted(set(int(s) for s in self.snapshots)))
         self.init_codes = tuple(int(c) for c in self.init_codes)
         self.pyramid = tuple(int(k) for k in self.pyramid)
@@ -164,7 +164,7 @@ class RunConfig:
         if need and len(self.cut_range) != need:
             raise ConfigError(f"--cut {self.cut} needs --cut-range with {need} numbers, got {len(self.cut_range)}")
         for p in self.prompts:
-            if not p.strip():
+            if isinstance(p, str) and not p.strip():  # check_prompt names a prompt that is not text
                 raise ConfigError("empty prompt: give some text, e.g. clipguide generate \"a red circle on a blue background\"")
         if self.story_every < 0:
             raise ConfigError(f"--story-every must be 0 or a positive number of steps, got {self.story_every}")

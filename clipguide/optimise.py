@@ -117,10 +117,12 @@ def check_fits(cfg: RunConfig, decoder) -> None:
 
 
 def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
-    """Crowson's -100 logit bias on blacklisted codes, or None."""
+    """Crowson's -100 logit bias on blacklisted codes, or None.  The list names OpenAI dVAE codes: a
+    VQGAN (it has a codebook) with 8192 codes, the Gumbel f8's, gets none."""
     from .presets import dalle_blacklist
 
-    codes = dalle_blacklist(decoder.vocab_size) if cfg.blacklist else []
+    dvae = getattr(decoder, "codebook", None) is None
+    codes = dalle_blacklist(decoder.vocab_size) if cfg.blacklist and dvae else []
     if not codes:
         return None
     bias = torch.zeros(decoder.vocab_size)

@@ -129,7 +129,12 @@ def phrase_index(step: int, every: int, count: int) -> int:
 
 def parse_prompt(text: str) -> Prompt:
     """Parse a prompt string (grammar in the module docstring); raises :class:`PromptError`."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):  # a number, bytes, a list...: named, not an AttributeError from deep inside
+        shown = " ".join(repr(text).split())
+        shown = shown if len(shown) <= 60 else shown[:59] + "…"
+        raise PromptError(f"a prompt is text, got {type(text).__name__}: {shown} "
+                          "(pass a string, e.g. \"a red circle on a blue background\")")
+    if not text.strip():
         raise PromptError("empty prompt: give some text, e.g. \"a red circle on a blue background\"")
     phrases = tuple(_phrase(piece, start, text) for piece, start in _split(text, 0, "^"))
     return Prompt(phrases)

@@ -129,15 +129,16 @@ def read_manifest(run_dir) -> dict:
     path = path if path.name == MANIFEST and not path.is_dir() else path / MANIFEST
     fix = "restore it from a backup, or start the run again"
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ConfigError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: it is not clipguide's")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        too_large = path.stat().st_size > MAX_MANIFEST_BYTES
+        data = None if too_large else json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read {path} ({e.strerror or type(e).__name__}): "
                           f"is {path.parent} a clipguide run directory?") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; absurdly deep nesting
         detail = " ".join(str(e).split())[:120]
         raise ConfigError(f"manifest {path} is not valid JSON ({detail}): {fix}") from None
+    if too_large:  # outside the try: a ConfigError is a ValueError, which the JSON handler would rename
+        raise ConfigError(f"manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: it is not clipguide's")
     problem = manifest_problem(data)
     if problem:
         raise ConfigError(f"manifest {path} is corrupt ({problem}): {fix}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import torch
 
 from clipguide.testing import random_clip, random_dalle_decoder
 
@@ -47,7 +48,9 @@ def tiny_model_files(tmp_path_factory, tiny_clip):
     clip_json.write_text(json.dumps({"kind": "open_clip", "model_name": "tiny", "model_cfg": TINY_CLIP_CFG}))
     save_file({k: v.contiguous() for k, v in tiny_clip.model.state_dict().items()}, root / "tiny-clip.safetensors")
     dvae = random_dalle_decoder(**TINY_DVAE).module
-    enc = Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    with torch.random.fork_rng():  # dall_e initialises from the global RNG: seed it, leave it as it was
+        torch.manual_seed(0)
+        enc = Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
     tensors = {f"decoder.{k}": v for k, v in dvae.state_dict().items()}
     tensors.update({f"encoder.{k}": v for k, v in enc.state_dict().items()})
     dec_json = root / "tiny-dvae.json"

@@ -27,6 +27,8 @@ from clipguide.cli import main
 CMD = ["generate", "a red circle on a blue background", "--size", "64", "--cutn", "4", "--steps", "24",
        "--snapshots", "6,12,18", "--checkpoint-every", "2", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread, as this process
+# The kill steps are drawn from this seed, so that a failure replays: CLIPGUIDE_FAULT_SEED=N pytest ... draws others.
+SEED = int(os.environ.get("CLIPGUIDE_FAULT_SEED", "20240607"))
 
 
 def cli(*args) -> list[str]:
@@ -97,15 +99,17 @@ def resume(out: Path) -> str:
 
 
 def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
-    target = random.Random().randrange(2, 17, 2)
+    target = random.Random(SEED).randrange(2, 17, 2)
+    replay = f"kill at checkpoint step {target} (CLIPGUIDE_FAULT_SEED={SEED})"
+    print(replay)  # shown with any failure below
     out = tmp_path / "run"
     killed = run_until(out, target, signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL, f"target {target}: {killed.stderr}"
+    assert killed.returncode == -signal.SIGKILL, f"{replay}: {killed.stderr}"
     assert_whole(out)
     kept = read_checkpoint(out / FILENAME).step
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {s["step"] for s in manifest["snapshots"]} >= {s for s in (6, 12, 18) if s <= kept}, "a snapshot was lost"
-    assert f"at step {kept} of 24" in resume(out), target
+    assert {s["step"] for s in manifest["snapshots"]} >= {s for s in (6, 12, 18) if s <= kept}, f"a snapshot was lost: {replay}"
+    assert f"at step {kept} of 24" in resume(out), replay
     assert_same_outputs(out, reference)
 
 
@@ -124,14 +128,15 @@ def test_ctrl_c_writes_a_final_snapshot_and_checkpoint_then_resumes(reference, t
 
 @pytest.mark.slow
 def test_many_random_kills_lose_nothing(reference, tmp_path):
-    out, rng = tmp_path / "run", random.Random()
+    out, rng, targets = tmp_path / "run", random.Random(SEED), []
     args = cli(*CMD, "--out", str(out))
     for _ in range(12):
-        target = header_step(out / FILENAME) + rng.randrange(2, 9, 2)
-        ended = run_until(out, target, signal.SIGKILL, args)
+        targets.append(header_step(out / FILENAME) + rng.randrange(2, 9, 2))
+        print(f"kill at checkpoint step {targets[-1]} (CLIPGUIDE_FAULT_SEED={SEED})")  # shown with any failure
+        ended = run_until(out, targets[-1], signal.SIGKILL, args)
         if ended.returncode == 0:
             break
-        assert ended.returncode == -signal.SIGKILL, ended.stderr
+        assert ended.returncode == -signal.SIGKILL, f"kills at {targets} (CLIPGUIDE_FAULT_SEED={SEED}): {ended.stderr}"
         assert_whole(out)
         args = cli("resume", str(out), "--quiet")
     else:
@@ -197,6 +202,43 @@ class FullDisk:
             if self.seen == self.nth:
                 return _Filling(f, self.room)
         return f
+
+
+FREE = "free some disk space (the previous files are intact; clipguide resume RUN_DIR continues a run)"
+HINTS = {
+    errno.ENOSPC: FREE,
+    getattr(errno, "EDQUOT", errno.ENOSPC): FREE,
+    errno.EROFS: "make the directory writable or choose another --out",
+    errno.EACCES: "make the directory writable or choose another --out",
+    errno.EIO: "check the disk (the previous files are intact)",
+}
+
+
+@pytest.mark.parametrize("code", HINTS, ids=errno.errorcode.get)
+def test_a_failed_write_names_the_file_its_error_and_the_fix(tmp_path, code):
+    path = tmp_path / "manifest.json"
+    path.write_text("the previous manifest")
+
+    def fail(f):
+        f.write(b"half a manifest")
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(snapshots.OutputError) as err:
+        snapshots.atomic_write(path, fail)
+    assert str(err.value) == f"cannot write {path} ({os.strerror(code)}): {HINTS[code]}"
+    assert path.read_text() == "the previous manifest" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_write_interrupted_otherwise_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "step_000001.png"
+
+    def interrupted(f):
+        f.write(b"half a PNG")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # not turned into an OutputError
+        snapshots.atomic_write(path, interrupted)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -203,3 +203,44 @@ def test_manifest_pointing_outside_the_run_is_refused(tmp_path, field, value):
     with pytest.raises(ClipguideError) as err:
         read_manifest(run)
     assert str(run / "manifest.json") in str(err.value) and "corrupt" in str(err.value)
+
+
+def huge_manifest(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "manifest.json", "wb") as f:
+        f.truncate(64 * 2**20 + 1)  # sparse: nothing is written, and nothing must be read
+    return run
+
+
+def test_a_huge_manifest_is_refused_on_one_line(tmp_path, monkeypatch):
+    huge_manifest(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a short path: the message below keeps its words whatever the temporary folder
+    with pytest.raises(ClipguideError) as err:
+        read_manifest("run")
+    message = str(err.value)
+    assert message.startswith("manifest run/manifest.json ") and "larger than 64 MiB" in message, message
+    assert "\n" not in message
+
+
+def test_a_huge_manifest_is_named_as_too_large(tmp_path):
+    run = huge_manifest(tmp_path)
+    with pytest.raises(ClipguideError) as err:
+        read_manifest(run)
+    assert str(err.value) == f"manifest {run / 'manifest.json'} is larger than 64 MiB: it is not clipguide's"
+
+
+def test_an_out_that_is_a_file_or_a_dangling_link_is_refused(tmp_path):
+    cfg = get_preset("shapes").replace(prompts=("x",), steps=3)
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    with pytest.raises(ClipguideError) as err:
+        Snapshotter(file, cfg)
+    assert str(err.value) == f"--out {file} is a file, not a directory: choose another --out"
+    assert file.read_text() == "keep me"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone" / "run")  # passes the checks, then cannot be created
+    with pytest.raises(ClipguideError) as err:
+        Snapshotter(link, cfg)
+    assert str(err.value) == f"cannot write to output directory {link} (File exists): choose a writable --out"
+    assert not (tmp_path / "gone").exists()

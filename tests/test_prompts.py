@@ -15,7 +15,7 @@ from PIL import Image
 from clipguide import RunConfig, optimise
 from clipguide.errors import ConfigError
 from clipguide.prompts import (
-    KINDS, Prompt, PromptError, Target, canonical, encode_targets, image_embeddings, image_prompt_seed,
+    KINDS, Prompt, PromptError, Target, canonical, check_prompt, encode_targets, image_embeddings, image_prompt_seed,
     noise_embedding, parse_prompt, parse_targets, phrase_index,
 )
 
@@ -88,6 +88,19 @@ def test_midjourney_weights_are_divided_by_their_signed_sum():
     assert parse_targets("cat.png::2 a dog")[0].kind == "image"
 
 
+@pytest.mark.parametrize("prompt", [
+    "a::1 , b", "a::1, b", "a ::1 ,b", " , a::1 , b , ", "a,::1 b,", "a:: , b", ",a::,b::1,",
+])
+def test_midjourney_parts_lose_the_spaces_and_commas_around_them(prompt):
+    """"commas around parts are dropped" (module docstring), with any spaces on either side of them."""
+    assert parse_targets(prompt) == [Target("text", "a", 0.5), Target("text", "b", 0.5)]
+
+
+def test_midjourney_commas_inside_a_part_stay():
+    assert parse_targets("red, green::3 , blue , white") == [Target("text", "red, green", 0.75),
+                                                              Target("text", "blue , white", 0.25)]
+
+
 def test_story_phrases_switch_every_n_steps_and_cycle():
     p = parse_prompt("a red circle ^ a blue square | red:-1 ^ noise:1")
     assert [len(ph) for ph in p.phrases] == [1, 2, 1]
@@ -137,6 +150,12 @@ def test_story_targets_switch_in_the_loop_and_snapshots_still_match(tiny_dvae, t
     ("a cat:1e999", "1e999", "weight inf is not finite"),
     ("polar bear::inf white", "inf", "weight inf is not finite"),
     ("polar bear::1e999 white", "1e999", "weight inf is not finite"),
+    ("a | :0.5", "", "this element has a weight but no text, image or seed before it"),
+    (":a cat:1", ":a cat", "value ':a cat' starts or ends with ':': remove the stray ':'"),
+    ("::2 a cat", "::", "a Midjourney part is empty: write text before each '::weight'"),
+    ("a::1 , ::2 b", ", ", "a Midjourney part is empty"),
+    ("a::1 , , ::2 b", ", ", "a Midjourney part is empty"),  # only commas and spaces: still empty
+    ("a ::, b:: ::", "::", "a Midjourney part is empty"),
 ])
 def test_errors_point_at_the_mistake(prompt, culprit, needle):
     with pytest.raises(PromptError) as info:
@@ -166,6 +185,37 @@ def test_nan_in_the_text_stays_text_and_numbers_still_parse():
         RunConfig(prompts=("a cat:nan",))  # checked with the config, before models load
 
 
+@pytest.mark.parametrize("prompt, shown", [(3, "int: 3"), (None, "NoneType: None"), (b"a cat", "bytes: b'a cat'"),
+                                            (["a", "b"], "list: ['a', 'b']"), (torch.zeros(4, 4), "Tensor: tensor([[0., 0.")])
+def test_a_prompt_that_is_not_text_is_named_on_one_line(prompt, shown):
+    for parse in (parse_prompt, lambda p: check_prompt(p, 0), parse_targets):
+        with pytest.raises(PromptError) as info:
+            parse(prompt)
+        message = str(info.value)
+        assert message.startswith(f"a prompt is text, got {shown}") and "pass a string" in message, message
+        assert "\n" not in message and len(message) < 160, message
+
+
+def test_targets_refuse_story_phrases_and_unwritable_targets_on_one_line():
+    with pytest.raises(PromptError) as info:
+        parse_targets("a red circle ^ a blue square")
+    assert str(info.value) == ("story phrases ('^') are not allowed here: give one phrase "
+                               "-- in prompt 'a red circle »^« a blue square'")
+    for target in (Target("text", "a | b"), Target("text", " padded"), Target("text", "a::b"), Target("colour", "red"),
+                   Target("text", "a", math.nan), Target("noise", "x")):
+        with pytest.raises(PromptError) as info:
+            canonical([target])
+        message = str(info.value)
+        assert message.startswith(f"target {target!r} cannot be written as a prompt: values are non-empty"), message
+        assert "\n" not in message
+
+
+def test_run_config_names_a_prompt_that_is_not_text():
+    with pytest.raises(PromptError, match="a prompt is text, got int: 3"):
+        RunConfig(prompts=(3,))
+    assert RunConfig(prompts="a red circle").prompts == ("a red circle",)  # one prompt, not its letters
+
+
 def test_story_without_schedule_is_a_config_error():
     with pytest.raises(PromptError, match="--story-every"):
         RunConfig(prompts=("a ^ b",))
@@ -192,7 +242,7 @@ def red_png(tmp_path):
 def test_image_prompt_is_cutn_cutout_rows_weighing_w(tiny_clip, red_png):
     from clipguide.cutouts import make_cutouts
     from clipguide.images import load_image, pil_to_tensor, resize_to_area
-    from clipguide.losses import spherical_distance, spherical_loss
+    from clipguide.losses import spherical_loss
 
     cfg = RunConfig(cutn=5, size=32)
     t = encode_targets(tiny_clip, [f"a red square | {red_png}:0.5"], cfg, [7])
@@ -204,12 +254,13 @@ def test_image_prompt_is_cutn_cutout_rows_weighing_w(tiny_clip, red_png):
     g = torch.Generator().manual_seed(image_prompt_seed(7))
     expected = tiny_clip.encode_image(make_cutouts(x, cfg, tiny_clip.image_size, [g]))
     assert torch.allclose(embeds[0, 1:], expected, atol=1e-5)
-    # the padded-row loss is Crowson's |w|·mean over (cutout, image cutout) pairs
-    cuts = torch.randn(1, 4, tiny_clip.embed_dim)
-    norm = torch.nn.functional.normalize
-    pairs = spherical_distance(norm(cuts, dim=-1)[:, :, None], norm(expected, dim=-1)[None, None])
-    text = spherical_distance(norm(cuts, dim=-1), norm(embeds[:, :1], dim=-1)).mean()
-    assert torch.allclose(spherical_loss(cuts, embeds, w, stops), text + 0.5 * pairs.mean(), atol=1e-5)
+    # the padded rows' loss is Crowson's: one Prompt per image cutout, each weighing 0.5 / cutn
+    from reference import notebook_prompt
+
+    cuts = torch.randn(1, 4, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(0))
+    want = notebook_prompt(cuts[0], embeds[0, :1], 1.0, -float("inf"))
+    want = want + sum(notebook_prompt(cuts[0], e[None], 0.1, -float("inf")) for e in expected)
+    assert torch.allclose(spherical_loss(cuts, embeds, w, stops)[0], want, atol=1e-5)
 
 
 def test_noise_prompts_are_deterministic_from_their_seed(tiny_clip):
@@ -219,7 +270,37 @@ def test_noise_prompts_are_deterministic_from_their_seed(tiny_clip):
     assert torch.equal(t.at(0)[0][0, 1], a[0]) and t.at(0)[1][0, 1] == -0.5
 
 
-def test_image_prompt_needs_cfg_and_reads_safely(tiny_clip, tmp_path, monkeypatch):
+def test_encode_targets_without_seeds_seeds_every_run_with_0(tiny_clip, tmp_path):
+    """seeds=None: every run's image-prompt cutouts are those of run seed 0; noise comes from its own seed."""
+    image = tmp_path / "halves.png"
+    halves = Image.new("RGB", (80, 40), (200, 30, 30))
+    halves.paste((20, 40, 220), (40, 0, 80, 40))  # not flat: where a cutout falls changes what CLIP sees
+    halves.save(image)
+    cfg = RunConfig(cutn=2, size=64)
+    prompts = [f"a cat | noise:42:-0.5 | {image}:2", f"{image} | noise:7"]
+    default = encode_targets(tiny_clip, prompts, cfg)
+    for got, want in zip(default.at(0), encode_targets(tiny_clip, prompts, cfg, [0, 0]).at(0)):
+        assert torch.equal(got, want)
+    assert not torch.equal(default.embeds, encode_targets(tiny_clip, prompts, cfg, [0, 1]).embeds)  # the seed matters
+    embeds, weights, _ = default.at(0)
+    assert weights.tolist() == [[1.0, -0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 0.0]]  # an image's w spread over its cutn rows
+    noise = torch.randn(1, tiny_clip.embed_dim, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(embeds[0, 1], noise[0])  # torch's N(0, 1) stream seeded 42, whatever the run's seed
+    assert embeds[0, 1, :4].tolist() == pytest.approx([1.9269, 1.4873, 0.9007, -2.1055], abs=1e-4)
+    cutouts = image_embeddings(tiny_clip, str(image), cfg, 0)  # seeded by image_prompt_seed(0)
+    assert torch.equal(embeds[0, 2:4], cutouts) and torch.equal(embeds[1, :2], cutouts)
+    assert torch.equal(embeds[1, 2], noise_embedding(7, tiny_clip.embed_dim)[0])
+
+
+def test_image_prompt_needs_cfg_and_reads_safely(tiny_clip, tmp_path, monkeypatch, red_png):
+    text_only = encode_targets(tiny_clip, ["a cat | noise:3:0.5"])  # no image: no cfg needed
+    assert text_only.every == 0 and text_only.at(0)[1].tolist() == [[1.0, 0.5]]
+    for call in (lambda: encode_targets(tiny_clip, [f"a cat | image:{red_png}:0.5"]),
+                 lambda: image_embeddings(tiny_clip, str(red_png), None, 0)):
+        with pytest.raises(PromptError) as info:
+            call()
+        assert str(info.value) == (f"image prompt {str(red_png)!r} needs the run's config (cutouts, size): "
+                                   "pass cfg to encode_targets")
     cfg = RunConfig(cutn=2, size=32)
     with pytest.raises(PromptError) as info:
         encode_targets(tiny_clip, ["a cat | image:missing.png:0.5"], cfg, [0])

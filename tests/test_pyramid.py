@@ -19,9 +19,17 @@ def latent(factors, latent="categorical", grid=GRID, every=0):
 
 
 def test_no_factors_is_the_plain_parametrisation():
-    plain, pyr = latent(()), latent(())
-    assert plain.param.shape == (2, 24, VOCAB)
-    assert torch.equal(pyr.logits(), plain.param.transpose(1, 2).reshape(2, VOCAB, *GRID))
+    plain = latent(())
+    assert plain.param.shape == (2, 24, VOCAB) and plain.coarse_grids() == []
+    assert torch.equal(plain.logits(), plain.param.transpose(1, 2).reshape(2, VOCAB, *GRID))
+
+
+def test_a_pyramid_starts_as_the_plain_parametrisation():
+    """Factors 2 and 4 add 2x3 and 1x2 grids after the 4x6 tokens, starting at zero: the same first logits."""
+    plain, pyr = latent(()), latent((2, 4))
+    assert pyr.coarse_grids() == [(2, 3), (1, 2)] and pyr.param.shape == (2, 24 + 6 + 2, VOCAB)
+    assert torch.equal(pyr.param[:, :24], plain.param) and not pyr.param[:, 24:].any()
+    assert torch.equal(pyr.logits(), plain.logits()) and torch.equal(pyr.display("soft"), plain.display("soft"))
 
 
 def test_coarse_grids_are_upsampled_nearest_and_added():

@@ -3,7 +3,10 @@ from any step, the checkpoint file and its checks, the non-finite guard, resume'
 
 import json
 import os
+import random
+import shutil
 import signal
+import warnings
 
 import pytest
 import torch
@@ -213,7 +216,7 @@ CORRUPTIONS = {
     "a changed step in the header": (lambda d: flip(d, d.index(b'step\\": ') + 8), "header fails its sha256"),
     "truncated": (lambda d: d[: len(d) // 2], "corrupt"),
     "empty": (lambda d: b"", "not a safetensors file"),
-    "garbage": (lambda d: os.urandom(4096), "corrupt"),
+    "garbage": (lambda d: random.Random(0).randbytes(4096), "corrupt"),  # seeded: the same bytes every run
     "a foreign safetensors file": (foreign, "not a clipguide"),
 }
 
@@ -243,6 +246,83 @@ def test_newer_format_version_is_refused_by_name(written):
         read_checkpoint(written)
 
 
+def rewrite(path, record=lambda r: r, tensors=lambda t: t):
+    """Rewrite a checkpoint through ``record`` (its header, with a valid sha256) and ``tensors``."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    with safe_open(str(path), "pt") as f:
+        text = record(json.loads(f.metadata()["clipguide"]))
+    text = text if isinstance(text, str) else json.dumps(text)
+    meta = {"clipguide": text, "clipguide_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    path.write_bytes(save(tensors(load(path.read_bytes())), metadata=meta))
+
+
+def without(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+# A header whose sha256 is right but whose record does not describe this file (written at step 2 of 3, one run).
+WRONG_RECORDS = {
+    "a step beyond the run": (lambda r: {**r, "step": 99}, {}, "malformed record: step 99 is outside 0..3"),
+    "a loss history of another step": (lambda r: {**r, "step": 1}, {},
+                                       "malformed record: a loss history of shape (2, 1) for 1 steps of 1 run(s)"),
+    "an invalid config": (lambda r: {**r, "config": {**r["config"], "lr": -1}}, {},
+                          "malformed record: config: --lr must be positive, got -1"),
+    "param_groups not a list": (lambda r: {**r, "param_groups": {}}, {}, "malformed record: param_groups is not a list"),
+    "no optimiser scalars": (lambda r: without(r, "optimiser_scalars"), {}, "malformed record: 'optimiser_scalars'"),
+    "not JSON": (lambda r: "{'format': 'clipguide-checkpoint'", {}, "its header is not a clipguide checkpoint's"),
+    "a JSON list": (lambda r: "[1, 2]", {}, "its header is not a clipguide checkpoint's"),
+    "another format": (lambda r: {**r, "format": "other"}, {}, "its header is not a clipguide checkpoint's"),
+    "a tensor missing": (lambda r: r, {"drop": "losses"}, "its tensors are not those its header lists"),
+}
+
+
+@pytest.mark.parametrize("kind", WRONG_RECORDS)
+def test_a_checkpoint_whose_record_does_not_describe_it_is_corrupt(written, kind):
+    record, options, needle = WRONG_RECORDS[kind]
+    rewrite(written, record, lambda t: {k: v for k, v in t.items() if k != options.get("drop")})
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(written)
+    assert str(err.value) == (f"checkpoint {written} is corrupt ({needle}); it was not used: restore it from a backup, "
+                              "or start the run again with generate --overwrite"), str(err.value)
+
+
+def test_an_unreadable_checkpoint_names_its_permissions(written, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # (chmod 000 would not stop root)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(written)
+    assert str(err.value) == f"cannot read checkpoint {written} ({os.strerror(errno.EACCES)}): check its permissions"
+
+
+def test_a_checkpoint_missing_losses_is_not_resumed(tiny_dvae, tiny_clip):
+    import dataclasses
+
+    cfg = cfg_of(steps=3)
+    ck = optimise(cfg, tiny_dvae, tiny_clip).checkpoint
+    bad = dataclasses.replace(ck, losses=ck.losses[:-1])  # only in memory: a file's history is checked on reading
+    with pytest.raises(CheckpointError) as err:
+        optimise(cfg, tiny_dvae, tiny_clip, resume_from=bad)
+    assert str(err.value) == "the checkpoint at step 3 holds a loss history of 2 steps: it was not used"
+
+
+@pytest.mark.parametrize("every", [-1, 2.5, "5", None])
+def test_checkpoint_every_must_be_a_count(tmp_path, every):
+    (tmp_path / FILENAME).write_bytes(b"an older run's")
+    with pytest.raises(ConfigError) as err:
+        Checkpointer(tmp_path, every)
+    assert str(err.value) == f"--checkpoint-every must be 0 (only at snapshots) or a number of steps, got {every}"
+    assert (tmp_path / FILENAME).read_bytes() == b"an older run's"  # refused before anything is removed
+
+
 # ----------------------------------------------------------------------------- resume of run directories
 
 
@@ -256,10 +336,11 @@ class Crash(Exception):
     """A stand-in for a crash: nothing after it runs (no finish, no final checkpoint)."""
 
 
-def crash_at(step):
+def crash_at(step, error=Crash):
+    """A callback raising ``error`` at ``step`` (Crash: a crash; KeyboardInterrupt: Ctrl-C)."""
     def cb(state):
         if state.step == step:
-            raise Crash
+            raise error
 
     return cb
 
@@ -356,6 +437,64 @@ def test_cli_resume_errors_are_one_line(capsys, model_flags, tmp_path):
     one_line(["resume", str(run)], str(run / FILENAME), "no checkpoint")
 
 
+def test_resume_of_a_directory_without_a_run_names_the_manifest(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as err:
+        clipguide.resume(empty)
+    manifest = empty / "manifest.json"
+    assert str(err.value) == f"cannot read {manifest} (No such file or directory): is {empty} a clipguide run directory?"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_resume_names_a_snapshot_that_went_missing(model_flags, tmp_path, damage):
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        clipguide.generate("a red circle", out_dir=run, steps=6, snapshots=(2,), callback=crash_at(4), **model_flags)
+    png = run / "step_000002.png"
+    png.unlink() if damage == "deleted" else png.write_bytes(png.read_bytes()[:40])
+    checkpoint = (run / FILENAME).read_bytes()
+    with pytest.raises(ConfigError) as err:
+        clipguide.resume(run)
+    kind = "FileNotFoundError" if damage == "deleted" else "UnidentifiedImageError"
+    assert str(err.value) == (f"snapshot {png} listed in manifest.json is missing or unreadable ({kind}): "
+                              "restore it, or start the run again"), str(err.value)
+    assert (run / FILENAME).read_bytes() == checkpoint and not (run / "step_000006.png").exists()
+
+
+def test_snapshotter_refuses_models_that_are_not_the_loops(tiny_dvae, tiny_clip, tmp_path):
+    from clipguide import Snapshotter
+
+    cfg = cfg_of(steps=2)
+    saver = Snapshotter(tmp_path / "run", cfg, {"decoder": {"name": "another"}})
+    with pytest.raises(ConfigError) as err:
+        optimise(cfg, tiny_dvae, tiny_clip, saver)
+    assert str(err.value) == ("the models given to Snapshotter ({'decoder': {'name': 'another'}}) are not those the loop "
+                              "runs with: leave models out, the loop describes its own")
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_resume_refuses_a_filter_it_cannot_rebuild_or_another_filter_clip(model_flags, tmp_path):
+    run = tmp_path / "run"
+    screen = clipguide.OutputFilter(model_flags["clip"], {"a red circle": 0.99}, action="blur")
+    clipguide.generate("a red circle", out_dir=run, steps=2, output_filter=screen, **model_flags)
+    saved = json.loads((run / "manifest.json").read_text())
+    record = saved["filter"]
+    manifest = {**saved, "filter": without(record, "concepts")}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as err:
+        clipguide.resume(run, steps=3)
+    assert str(err.value) == (f"the output filter recorded in {run / 'manifest.json'} cannot be rebuilt ('concepts'): "
+                              "refusing to resume without it")
+    manifest = {**saved, "filter": {**record, "clip": {**record["clip"], "sha256": "0" * 64}}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(WeightsError) as err:
+        clipguide.resume(run, steps=3)
+    assert str(err.value) == (f"the output filter's CLIP {record['clip']['name']} differs from the one {run} was screened "
+                              "with (sha256): restore its weights to resume")
+    assert read_checkpoint(run / FILENAME).step == 2
+
+
 def test_resume_screens_with_the_runs_output_filter(model_flags, tmp_path):
     from PIL import Image
 
@@ -374,3 +513,119 @@ def test_resume_screens_with_the_runs_output_filter(model_flags, tmp_path):
     assert got["snapshots"][-1]["filter"]["flagged"]
     final = "step_000006.png"
     assert Image.open(run / final).tobytes() == Image.open(tmp_path / "ref" / final).tobytes()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C off the schedule, other environments
+
+
+def stop_at(step):
+    return crash_at(step, KeyboardInterrupt)
+
+
+def test_ctrl_c_off_the_schedule_checkpoints_the_step_it_stopped_at(model_flags, tmp_path):
+    """Step 3 is on no schedule (every 1000 steps, no snapshots): only Checkpointer.finish writes it."""
+    kw = dict(steps=8, snapshots=(), seed=2, **model_flags)
+    run = tmp_path / "run"
+    partial = clipguide.generate("a red circle", out_dir=run, callback=stop_at(3), checkpoint_every=1000, **kw)
+    assert partial.interrupted and partial.steps_done == 3
+    kept = read_checkpoint(run / FILENAME)
+    assert kept.step == 3, f"Ctrl-C at step 3 left the checkpoint of step {kept.step}"
+    assert torch.equal(kept.losses, partial.losses[:3]) and read_manifest(run)["interrupted"]
+    resumed = clipguide.resume(run)
+    assert_same_run(clipguide.generate("a red circle", **kw), resumed)
+    assert read_checkpoint(run / FILENAME).step == 8 and read_manifest(run)["resumed"][0]["step"] == 3
+
+
+def test_checkpointer_finish_writes_the_interrupted_step_once(tiny_dvae, tiny_clip, tmp_path):
+    cfg = cfg_of(steps=50, snapshots=())
+    keeper = Checkpointer(tmp_path, every=1000)
+    result = optimise(cfg, tiny_dvae, tiny_clip, [keeper, stop_at(3)])
+    assert read_checkpoint(tmp_path / FILENAME).step == 0  # the schedule's last write
+    keeper.finish(result)
+    kept = read_checkpoint(tmp_path / FILENAME)
+    assert kept.step == 3 and kept.info["every"] == 1000 and kept.info["models"] == json.loads(json.dumps(result.models))
+    before = (tmp_path / FILENAME).stat().st_mtime_ns
+    keeper.finish(result)  # on disk already: not written again
+    assert (tmp_path / FILENAME).stat().st_mtime_ns == before
+    assert_same_run(optimise(cfg, tiny_dvae, tiny_clip), optimise(cfg, tiny_dvae, tiny_clip, resume_from=kept), since=3)
+
+
+def elsewhere(monkeypatch, **changes):
+    """Make the resuming process report another environment than the one the run recorded."""
+    from clipguide import checkpoint, snapshots
+
+    monkeypatch.setattr(checkpoint, "environment", lambda: {**snapshots.environment(), **changes})
+
+
+def test_resuming_in_another_environment_warns_naming_what_differs(model_flags, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    clipguide.generate("a red circle", out_dir=run, steps=2, **model_flags)
+    recorded = read_checkpoint(run / FILENAME).info["environment"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same environment: no warning
+        clipguide.resume(run, steps=3)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    elsewhere(monkeypatch, torch="0.0.1", clipguide="0.0.0")
+    with pytest.warns(UserWarning) as caught:
+        clipguide.resume(run, steps=4)
+    (message,) = [str(w.message) for w in caught]
+    assert message == (f"resuming {run} in another environment (torch {recorded['torch']} -> 0.0.1; clipguide "
+                       f"{recorded['clipguide']} -> 0.0.0): the continuation will not be bit-identical to an "
+                       "uninterrupted run"), message
+    monkeypatch.undo()
+    threads = torch.get_num_threads()  # 1 for the whole suite (conftest)
+    try:
+        torch.set_num_threads(threads + 1)
+        with pytest.warns(UserWarning, match=rf"another environment \(threads {threads} -> {threads + 1}\)"):
+            clipguide.resume(copy, steps=4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_resume_says_on_one_line_what_is_not_bit_identical(model_flags, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    clipguide.generate("a red circle", out_dir=run, steps=2, **model_flags)
+    recorded = read_checkpoint(run / FILENAME).info["environment"]
+    assert main(["resume", str(run), "--steps", "3", "--quiet"]) == 0
+    assert "not bit-identical" not in capsys.readouterr().err  # the same environment
+    elsewhere(monkeypatch, torch="0.0.1")
+    assert main(["resume", str(run), "--steps", "4", "--quiet"]) == 0
+    line, = [x for x in capsys.readouterr().err.splitlines() if x.startswith("clipguide: resuming")]
+    assert line == (f"clipguide: resuming {run} at step 3 of 4 on {torch.get_num_threads()} thread(s) "
+                    f"(not bit-identical: torch {recorded['torch']} -> 0.0.1)"), line
+
+
+# ----------------------------------------------------------------------------- a checkpoint that does not fit
+
+
+def misfit(ck, part):
+    """``ck`` with one part that does not fit the run (still a well-formed file once written)."""
+    if part == "latent":  # a latent of another shape
+        ck.latent["param"] = ck.latent["param"][:, :-1].clone()
+    elif part == "generator":  # a generator state of the wrong size
+        ck.generators[0] = ck.generators[0][:100].clone()
+    else:  # an optimiser of two parameters for the run's one
+        ck.optimiser["param_groups"][0]["params"] = [0, 1]
+    return ck
+
+
+@pytest.mark.parametrize("part", ["latent", "generator", "optimiser"])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_on_one_line(model_flags, tmp_path, capsys, part):
+    run = tmp_path / "run"
+    clipguide.generate("a red circle", out_dir=run, steps=3, snapshots=(1,), **model_flags)
+    ck = read_checkpoint(run / FILENAME)
+    write_checkpoint(run / FILENAME, misfit(ck, part), ck.info)  # the damaged tensors get their own sha256
+    assert read_checkpoint(run / FILENAME).step == 3  # so the file itself reads back whole
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError) as err:
+        clipguide.resume(run, steps=5)
+    message = str(err.value)
+    assert message.startswith("the checkpoint does not fit this run (") and message.endswith("): it was not used")
+    assert "\n" not in message, message
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files, "a refused resume wrote files"
+    assert main(["resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("clipguide: resuming"), err  # no traceback
+    assert err[1].startswith("clipguide: error: the checkpoint does not fit this run ("), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
