@@ -222,3 +222,24 @@ def test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount():
     assert torch.equal(make_cutouts(img, cfg, 32, [g]), expected)
     with pytest.raises(ConfigError, match="--cut-roll must be 0"):
         RunConfig(cut_roll=-1)
+
+
+def test_the_loop_and_latents_refuse_what_they_cannot_do_in_one_line(tiny_dvae, tiny_clip):
+    from clipguide.errors import ConfigError
+    from clipguide.optimise import check_fits
+
+    with pytest.raises(ConfigError, match="no prompt given"):
+        optimise(RunConfig(size=32, cutn=2, device="cpu"), tiny_dvae, tiny_clip)
+    with pytest.raises(ConfigError, match="needs an even vocabulary, got 511"):
+        make_latent(RunConfig(latent="parity-softmax", init="onehot"), 511, (2, 2), make_generators([0]))
+    no_encoder = type("D", (), {"name": "stub", "vocab_size": 16, "downsample": 8, "encode": None})()
+    with pytest.raises(ConfigError, match=r"needs a decoder that encodes images \(encode_logits\), which 'stub' lacks"):
+        check_fits(RunConfig(prompts=("x",), size=32, init_image="x.png"), no_encoder)
+
+
+def test_parity_softmax_display_soft_is_what_training_decodes():
+    """Delta's checkin view (--display soft) is the noise-free relaxation the loop trains on, and differs from sharpie."""
+    lat = make_latent(RunConfig(latent="parity-softmax", init="randn"), 8, (2, 2), make_generators([3]))
+    with torch.no_grad():
+        assert torch.equal(lat.display("soft"), lat.relax(make_generators([0])))
+        assert not torch.equal(lat.display("soft"), lat.display("sharpie"))
