@@ -64,7 +64,10 @@ def gather_images(sources) -> list[ImageItem]:
         return sources
     if isinstance(sources, torch.Tensor):
         batch = sources[None] if sources.ndim == 3 else sources
-        return [ImageItem(f"image {i}", to_pil(x)) for i, x in enumerate(batch)]
+        items = [ImageItem(f"image {i}", to_pil(x)) for i, x in enumerate(batch)]
+        if items:
+            return items
+        sources = []  # an empty batch: the one-line error below, not torch.cat's
     if isinstance(sources, (str, Path, Image.Image)):
         sources = [sources]
     items = []
