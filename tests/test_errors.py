@@ -400,3 +400,42 @@ def test_replay_of_a_run_interrupted_before_its_first_step():
     with pytest.raises(ConfigError) as e:
         replay.replay_config({"interrupted": True, "steps_done": 0}, recorded, None)
     one_line(e, "interrupted before its first step", "nothing to replay")
+
+
+# --- config.py and devices.py -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,words", [
+    ({"batch": 0}, "--batch must be at least 1"),
+    ({"seed": -1}, "--seed must be 0 or more"),
+    ({"seed": 2**63 - 1, "batch": 2}, "at most 2**63 - 1"),
+    ({"cutn": 0}, "--cutn must be at least 1"),
+    ({"size": 4}, "--size must be at least 8 pixels"),
+    ({"init": "onehot-codes"}, "needs --init-codes, e.g."),
+    ({"cut": "normal", "cut_range": (0.5, 0.1)}, "--cut normal needs --cut-range with 4 numbers, got 2"),
+    ({"init_weight": -0.5}, "--init-weight must be 0 or positive"),
+    ({"init_weight": float("nan")}, "--init-weight must be 0 or positive"),
+])
+def test_config_refuses_on_one_line(fields, words):
+    from clipguide import RunConfig
+
+    with pytest.raises(ConfigError) as e:
+        RunConfig(prompts=("x",), **fields)
+    one_line(e, words)
+
+
+def test_devices_refuse_what_is_not_here(monkeypatch):
+    from clipguide.devices import check_device
+
+    with pytest.raises(ConfigError) as e:
+        check_device("gpu0")
+    one_line(e, "'gpu0' is not a torch device", "use auto, cpu, cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError) as e:
+        check_device("cuda:3")
+    one_line(e, "--device cuda:3: only 1 CUDA device(s) present")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        check_device("mps")
+    one_line(e, "asked for Apple's MPS, which is not available here")
