@@ -439,3 +439,19 @@ def test_devices_refuse_what_is_not_here(monkeypatch):
     with pytest.raises(ConfigError) as e:
         check_device("mps")
     one_line(e, "asked for Apple's MPS, which is not available here")
+
+
+# --- cli.py -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["calibrate-filter", "--concept", "red", "--positives", "a.png"], "give both --positives and --negatives, or neither"),
+    (["generate", "x", "--pyramid", "2,four"], "expected comma-separated ints, got '2,four'"),
+    (["generate", "x", "--checkpoint-every", "-1"], "expected a whole number >= 0, got '-1'"),
+])
+def test_cli_refuses_on_one_line_with_exit_2(argv, words, capsys):
+    from clipguide.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and words in err, err
