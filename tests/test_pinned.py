@@ -1,0 +1,155 @@
+"""Behaviour pinned bit for bit: a short run of every preset, written to a folder and resumed.
+
+The sha256 hashes below were recorded before the code was restructured; a refactor must keep
+them.  Each preset runs on small random-weight models of its real architecture (the dVAE, a
+taming VQGAN, an open_clip CLIP, saved in their file formats) or on the shipped shapes models,
+on one thread.  What is hashed: the final images, the per-step losses and similarities, the
+checkpoint's tensors (latent, optimiser, generators) and the pixels of every snapshot PNG.
+An interrupted run that is resumed must end on the same hashes as the uninterrupted one.
+
+To record new hashes after an intended change of behaviour:
+``CLIPGUIDE_PIN_RECORD=1 python -m pytest tests/test_pinned.py -s`` prints the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipguide
+from clipguide import PRESETS
+
+from test_vqgan import TINY, TINY_GUMBEL, tiny_files
+
+STEPS, SNAPSHOTS = 4, (2, 4)
+RECORD = bool(os.environ.get("CLIPGUIDE_PIN_RECORD"))
+
+PINNED = {  # recorded at 7e38af9, before the restructuring
+    'aleph2image': {'images': '224c0a7d9c70a4b2', 'losses': '96462b3638d297ea', 'checkpoint': '7c18b79f8a6d2cdf', 'pngs': '318d924e6426d6a8'},
+    'aleph2image-delta': {'images': '23dab4cba04c7f62', 'losses': '1d88525525fe753c', 'checkpoint': '4b34f7669644ab52', 'pngs': 'b06f48f119d2226f'},
+    'aleph2image-gamma': {'images': '44c2f1d7c62aea82', 'losses': 'c82a1d6d08c89c19', 'checkpoint': 'a853c622957d6cf8', 'pngs': '59cbe5463599e4e9'},
+    'bf16-uniform': {'images': 'e101b5912fea74ee', 'losses': '4ee8181b18a7cc7e', 'checkpoint': '08760007df12eafe', 'pngs': '8ea46cefe26e0873'},
+    'cuts': {'images': '7821d2a24163c9cd', 'losses': '84a70be875e75297', 'checkpoint': '71a01cc64f7e0abd', 'pngs': '4513780f46674cf1'},
+    'dvae-codebook': {'images': 'c1e6737f64a76356', 'losses': '2614cd8e6f2b3b3a', 'checkpoint': 'b1ff448aa67a4c03', 'pngs': '4440821eddfe8df8'},
+    'init-image': {'images': 'd96551ed79d5cdbe', 'losses': '13cac597b035843f', 'checkpoint': 'ef41b0ce5abf0238', 'pngs': '9efc71f5549c2c79'},
+    'noise-story': {'images': 'eca4bdd8a55b71ce', 'losses': '7b7b2189cb065580', 'checkpoint': 'b497148aff8555fe', 'pngs': 'e6e9c35fefeaa2e1'},
+    'shapes': {'images': 'b6bbf8b48b682f55', 'losses': '10585d740e08bdf3', 'checkpoint': '0045e5349a2a4264', 'pngs': '533089358097c94c'},
+    'terms': {'images': '164dbcef248fa807', 'losses': '346e36f544bead2f', 'checkpoint': '5069159fda48e5d9', 'pngs': '28eaa3547b3a419f'},
+    'vqgan-codebook': {'images': '23de0af7522d6ce0', 'losses': '0c4c77156f8cfd68', 'checkpoint': 'ca7ced8d17885c16', 'pngs': '92a369a8e9ffe820'},
+    'vqgan-gumbel': {'images': '9bd33d2fa73b58a0', 'losses': '1eb07abdeabaf114', 'checkpoint': '77457a0c884ef953', 'pngs': 'e89a4a08eb82e77b'},
+    'vqgan-zquantize': {'images': 'd70854cd466cd44e', 'losses': '06d4e603bd8215aa', 'checkpoint': '33ddae1ebfe5948a', 'pngs': 'e738d78a2c23b042'},
+}
+
+
+def digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_digest(ck) -> str:
+    tensors = [v for _, v in sorted(ck.latent.items())]
+    for i, s in sorted(ck.optimiser["state"].items()):
+        tensors += [v for _, v in sorted(s.items()) if torch.is_tensor(v)]
+    return digest(*tensors, *ck.generators, ck.losses, ck.similarities)
+
+
+def png_digest(run_dir) -> str:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    h = hashlib.sha256()
+    # an interrupted run also keeps the image it stopped on: compare the planned snapshots
+    for snap in sorted((s for s in manifest["snapshots"] if s["step"] in SNAPSHOTS), key=lambda s: (s["run"], s["step"])):
+        with Image.open(run_dir / snap["file"]) as im:
+            h.update(f"{snap['run']}:{snap['step']}:".encode() + np.asarray(im.convert("RGB")).tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, tiny_model_files):
+    """decoder spec per preset family, and the CLIP spec, all in their real file formats."""
+    root = tmp_path_factory.mktemp("pinned")
+    dvae_json, clip_json = tiny_model_files
+    _, vq_yaml, vq_ckpt = tiny_files(root, TINY, name="vq", seed=3)
+    _, gu_yaml, gu_ckpt = tiny_files(root, TINY_GUMBEL, "taming.models.vqgan.GumbelVQ", name="gumbel", seed=4)
+    return {"dalle": str(dvae_json), "vqgan-imagenet-f16-1024": f"{vq_yaml}:{vq_ckpt}",
+            "vqgan-gumbel-f8-8192": f"{gu_yaml}:{gu_ckpt}", "clip": str(clip_json)}
+
+
+def overrides(preset: str, files: dict) -> dict:
+    cfg = PRESETS[preset].config
+    small = dict(steps=STEPS, snapshots=SNAPSHOTS, cutn=4, seed=7)
+    if cfg.decoder == "shapes-dvae":
+        return dict(small, size=64)
+    return dict(small, size=32, decoder=files[cfg.decoder], clip=files["clip"])
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, state):
+        if state.step == self.step:
+            raise KeyboardInterrupt
+
+
+def hashes(result, run_dir) -> dict:
+    return {"images": digest(result.images), "losses": digest(result.losses, result.similarities),
+            "checkpoint": checkpoint_digest(result.checkpoint), "pngs": png_digest(run_dir)}
+
+
+# Options the presets leave off, on the shapes models: the objective's terms and the loop's variants.
+VARIANTS = {
+    "terms": dict(tv_weight=0.5, init_weight=0.2, cut_batch=3, loss="cosine", loss_scale=2.0),
+    "noise-story": dict(noise_scale=0.05, display_noise=True, story_every=2, pyramid=(), pyramid_every=0, ema=0.0, lr_warmup=2),
+    "cuts": dict(cut="normal", cut_range=(0.8, 0.3, 0.5, 0.98), cut_noise=0.1, cut_mirror=0.5, cut_roll=2, cut_clamp=True, cut_resample="bilinear"),
+    "bf16-uniform": dict(precision="bf16", cut="uniform", cut_range=(0.6, 0.95), optimiser="adam", lr_growth=1.01, pyramid_every=2),
+}
+VARIANT_PROMPT = "a red circle on a blue background:2 | a green square:-0.5"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_loop_variants_keep_their_bytes(variant, tmp_path):
+    kw = dict(steps=STEPS, snapshots=SNAPSHOTS, cutn=4, seed=11, size=64, **VARIANTS[variant])
+    result = clipguide.generate(VARIANT_PROMPT, "shapes", out_dir=tmp_path / "run", **kw)
+    got = hashes(result, tmp_path / "run")
+    if RECORD:
+        print(f"    {variant!r}: {got!r},")
+    else:
+        assert got == PINNED[variant], f"variant {variant}: the bytes of a pinned run changed"
+
+
+def test_init_image_run_keeps_its_bytes(tmp_path):
+    from clipguide.shapes import scenes
+
+    image = tmp_path / "init.png"
+    Image.fromarray(scenes.render(scenes.sample_scenes(1, 5), 64)[0]).save(image)
+    result = clipguide.generate("a blue triangle", "shapes", out_dir=tmp_path / "run", steps=STEPS,
+                                snapshots=SNAPSHOTS, cutn=4, size=64, init_image=str(image), init_weight=0.5)
+    got = hashes(result, tmp_path / "run")
+    if RECORD:
+        print(f"    'init-image': {got!r},")
+    else:
+        assert got == PINNED["init-image"], "the bytes of a pinned init-image run changed"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_keeps_its_bytes_and_a_resumed_run_ends_on_them(preset, model_files, tmp_path):
+    kw = overrides(preset, model_files)
+    whole = clipguide.generate("a red circle on a blue background", preset, out_dir=tmp_path / "whole", **kw)
+    got = hashes(whole, tmp_path / "whole")
+    if RECORD:
+        print(f"    {preset!r}: {got!r},")
+    else:
+        assert got == PINNED[preset], f"{preset}: the bytes of a pinned run changed"
+    part = clipguide.generate("a red circle on a blue background", preset, out_dir=tmp_path / "part",
+                              callback=StopAt(3), **kw)
+    assert part.interrupted and part.steps_done == 3
+    resumed = clipguide.resume(tmp_path / "part")
+    assert hashes(resumed, tmp_path / "part") == got, f"{preset}: the resumed run differs from the whole one"
