@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from clipguide.latents import make_latent
-from clipguide.optimise import Step, code_bias, grid_of, make_generators, make_optimiser
-from clipguide.prompts import encode_targets
+from clipguide.engine.latents import make_latent
+from clipguide.engine.loop import Step
+from clipguide.engine.loop import code_bias, grid_of, make_optimiser
+from clipguide.engine.state import make_generators
+from clipguide.engine.prompts import encode_targets
 
 
 def build_step(cfg, decoder, clip):
@@ -14,7 +16,7 @@ def build_step(cfg, decoder, clip):
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
     latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
-    step = Step(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
+    step = Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
     opt = make_optimiser(cfg, [latent.param])
 
     def once(k: int = 0):

@@ -20,8 +20,8 @@ import json
 
 import torch
 
-from clipguide.decoders import DECODERS
-from clipguide.generation import load_models
+from clipguide.models.decoders import DECODERS
+from clipguide.models.loading import load_models
 from clipguide.presets import PRESETS, get_preset
 from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, prompt_split
 
@@ -33,7 +33,7 @@ DEFAULT_PRESETS = [name for name in PRESETS if name != "vqgan-gumbel"]
 
 def shapes_models(preset: str) -> dict:
     """The shapes-world models standing in for a preset's real ones."""
-    vqgan = DECODERS.get(get_preset(preset).decoder, {}).get("format") == "taming"
+    vqgan = DECODERS.get(get_preset(preset).decoder, {}).get("kind") == "vqgan"
     return {**SHAPES_MODELS, "decoder": SHAPES_VQGAN} if vqgan else SHAPES_MODELS
 
 

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from clipguide.losses import spherical_distance
-from clipguide.optimise import DTYPES
-from clipguide.ops import clamp_with_grad, laplace_noise, replace_grad, resample, vector_quantize
-from clipguide.presets import dalle_blacklist, get_preset
+from clipguide.engine.losses import spherical_distance
+from clipguide.engine.state import DTYPES
+from clipguide.engine.ops import clamp_with_grad, laplace_noise, replace_grad, resample, vector_quantize
+from clipguide.models.dalle import dalle_blacklist
+from clipguide.presets import get_preset
 from clipguide.testing import VQGAN_F16_16384, random_clip, random_dalle_decoder, random_vqgan
 from common import build_step, peak_rss_mib
 
@@ -40,7 +41,7 @@ def openai_layout_clip():
     """ViT-B/32 as OpenAI's `clip` package runs it: MultiheadAttention on sequence-first tensors."""
     import open_clip
 
-    from clipguide.clip import Clip
+    from clipguide.models.clip import Clip
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -52,7 +53,7 @@ def openai_layout_clip():
 
 
 def notebook_cutouts(x, cutn: int, cut_size: int, g):
-    """MakeCutouts (methods.md §1): a size and offset per cutout, one resample call each."""
+    """MakeCutouts (docs/methods.md §1): a size and offset per cutout, one resample call each."""
     side = min(x.shape[-2:])
     lo = min(side, cut_size)
     cuts = []
@@ -74,7 +75,7 @@ def notebook_update(img, clip, target, opt, cutn: int, g) -> None:
 
 
 def notebook_dvae_step(decoder, clip, size: int, cutn: int):
-    """One closure = one iteration of Crowson's OpenAI dVAE+CLIP loop (methods.md §2)."""
+    """One closure = one iteration of Crowson's OpenAI dVAE+CLIP loop (docs/methods.md §2)."""
     g = torch.Generator().manual_seed(0)
     toks = size // 8
     logits = torch.randn(toks * toks, 8192, generator=g).requires_grad_()
@@ -97,7 +98,7 @@ def notebook_dvae_step(decoder, clip, size: int, cutn: int):
 
 
 def notebook_vqgan_step(decoder, clip, size: int, cutn: int):
-    """One iteration of Crowson's VQGAN z+quantize loop (methods.md §4)."""
+    """One iteration of Crowson's VQGAN z+quantize loop (docs/methods.md §4)."""
     g = torch.Generator().manual_seed(0)
     toks, book = size // 16, decoder.codebook
     codes = torch.randint(book.shape[0], (toks * toks,), generator=g)
@@ -160,7 +161,7 @@ def main(argv=None):
     p.add_argument("--cutn", type=int, default=32)
     p.add_argument("--cut-batch", type=int, default=0, help="clipguide's cutouts per CLIP pass in the backward (0 = all)")
     p.add_argument("--precisions", default="fp32,bf16", help="clipguide variants to time")
-    p.add_argument("--decoders", default="dvae,vqgan", help="dvae (methods.md §2) and/or vqgan (§4, f16-16384)")
+    p.add_argument("--decoders", default="dvae,vqgan", help="dvae (docs/methods.md §2) and/or vqgan (§4, f16-16384)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-loop peak-RSS subprocesses")
     p.add_argument("--rss-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -6,26 +6,24 @@ and a Ctrl-C while torch loads reaches the CLI's own handler (one line, exit 130
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
     "RunConfig": "config",
-    "Checkpoint": "checkpoint", "Checkpointer": "checkpoint", "resume": "checkpoint",
+    "Checkpoint": "engine.state", "Checkpointer": "run.checkpoints", "resume": "run.resume",
     "CheckpointError": "errors", "ClipguideError": "errors", "ConfigError": "errors", "NonFiniteError": "errors",
     "OutputError": "errors", "WeightsError": "errors",
-    "generate": "generation", "load_models": "generation",
-    "Result": "optimise", "StepState": "optimise", "optimise": "optimise",
+    "generate": "run.generation", "load_models": "models.loading",
+    "Result": "engine.state", "StepState": "engine.state", "optimise": "engine.loop",
     "PRESETS": "presets", "get_preset": "presets",
-    "PromptError": "prompts", "parse_prompt": "prompts",
-    "ReplayReport": "replay", "replay": "replay",
-    "Snapshotter": "snapshots",
-    "load_clip": "clip", "load_decoder": "decoders",
-    "Classification": "classification", "classify": "classification", "OutputFilter": "output_filter",
-    "BiasAudit": "bias", "audit_bias": "bias", "clip_frechet_distance": "scores", "clip_score": "scores",
+    "PromptError": "engine.prompts", "parse_prompt": "engine.prompts",
+    "ReplayReport": "run.replay", "replay": "run.replay",
+    "Snapshotter": "run.snapshots", "run_session": "run.session", "describe_models": "engine.loop",
+    "load_clip": "models.clip", "load_decoder": "models.decoders",
+    "Classification": "audit.classification", "classify": "audit.classification", "OutputFilter": "audit.output_filter",
+    "BiasAudit": "audit.bias", "audit_bias": "audit.bias", "clip_frechet_distance": "audit.scores", "clip_score": "audit.scores",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -41,15 +39,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """Importing a submodule binds it on its package: ``clipguide.optimise`` and
-    ``clipguide.replay`` would become modules, not the functions the package exports."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return  # the module stays reachable as sys.modules["clipguide.NAME"]
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

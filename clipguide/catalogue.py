@@ -13,11 +13,16 @@ from pathlib import Path
 
 import open_clip
 
-from .clip import RECOMMENDED_CLIPS, SHAPES_CLIP, _cached_pretrained, list_clip_models
 from .config import RunConfig, _flag, short_value
-from .decoders import DECODERS, resolve_shipped, taming_cache_paths
+from .models.clip import (
+    RECOMMENDED_CLIPS,
+    SHAPES_CLIP,
+    _cached_pretrained,
+    list_clip_models,
+)
+from .models.decoders import DECODERS, local_files
+from .models.weights import cache_dir
 from .presets import COMMON_DEVIATIONS, DEFAULT_PRESET, PRESETS, Preset
-from .weights import DALLE_FILES, cache_dir
 
 NOT_CACHED = "not cached: downloaded on first use"
 MISSING_SHIPPED = "missing: run clipguide train-shapes"
@@ -99,14 +104,10 @@ def _table(header: list[str], rows: list[list[str]], width: int) -> list[str]:
 
 def decoder_status(name: str) -> str:
     """Whether registry decoder ``name`` can be used now: shipped, cached, or what using it involves."""
-    entry = DECODERS[name]
-    if "path" in entry:
-        return _shipped_status(resolve_shipped(entry["path"]))
-    if entry["format"] == "taming":
-        cached = all(p.exists() for p in taming_cache_paths(name))
-    else:  # dalle: where dalle_files fetches the decoder
-        cached = (cache_dir() / "dalle" / Path(DALLE_FILES["decoder"]["url"]).name).exists()
-    return "cached" if cached else NOT_CACHED
+    present = all(p.is_file() for p in local_files(name))
+    if "path" in DECODERS[name]:
+        return "shipped" if present else MISSING_SHIPPED
+    return "cached" if present else NOT_CACHED
 
 
 def clip_cached(spec: str, cache: Path | None = None) -> bool:

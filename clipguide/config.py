@@ -13,8 +13,14 @@ import json
 import typing
 from dataclasses import dataclass, field
 
+from .engine.cutouts import SIZE_LAWS
+from .engine.devices import resolve_device
+from .engine.latents import INIT_LOGITS, LATENT_CLASSES
+from .engine.loop import OPTIMISER_CLASSES
+from .engine.losses import LOSSES as LOSS_FUNCTIONS
+from .engine.prompts import MAX_SEED, check_prompt
+from .engine.state import DTYPES
 from .errors import ConfigError
-from .prompts import MAX_SEED, check_prompt
 
 
 def _f(group: str, default, help: str, choices: tuple | None = None):
@@ -40,13 +46,14 @@ GROUPS = {
     "audit": "audit: output filter and scores",
 }
 
-LATENTS = ("categorical", "parity-softmax", "parity-gumbel", "spatial-gumbel", "softmax", "zquantize")
-INITS = ("randn", "onehot", "onehot-codes", "uniform")
-DISPLAYS = ("argmax", "soft", "sharpie")
-CUTS = ("crowson", "uniform", "normal")
-LOSSES = ("spherical", "cosine")
-OPTIMISERS = ("adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
+# Each name list is its table's keys: the table that implements the names is where they live.
+LATENTS = tuple(LATENT_CLASSES)
+INITS = tuple(INIT_LOGITS)
+DISPLAYS = ("argmax", "soft", "sharpie")  # what every latent's display() takes ("sharpie": argmax per parity group)
+CUTS = tuple(SIZE_LAWS)
+LOSSES = tuple(LOSS_FUNCTIONS)
+OPTIMISERS = tuple(OPTIMISER_CLASSES)
+PRECISIONS = tuple(DTYPES)
 
 
 @dataclass
@@ -67,7 +74,7 @@ class RunConfig:
                       "Apple's MPS, else the CPU; the manifest records the device used)")
     precision: str = _f("speed", "fp32", "arithmetic of the decoder and CLIP: fp32 (as the originals) or bf16 (latents, loss and "
                         "optimiser stay fp32; about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs)", PRECISIONS)
-    # latent parametrisation and relaxation (methods.md §2, §5)
+    # latent parametrisation and relaxation (docs/methods.md §2, §5)
     latent: str = _f("latent", "categorical", "parametrisation of the token logits", LATENTS)
     init: str = _f("latent", "randn", "initial logits", INITS)
     init_codes: tuple[int, ...] = _f("latent", (), "codes drawn from for init=onehot-codes (Aleph2Image Gamma)")
@@ -160,7 +167,7 @@ class RunConfig:
         if self.latent == "zquantize" and self.init not in ("onehot", "onehot-codes"):
             raise ConfigError(f"--latent zquantize starts z on codebook vectors, not from --init {self.init}: "
                               "use --init onehot (random codes, Crowson) or onehot-codes")
-        need = {"uniform": 2, "normal": 4}.get(self.cut)
+        need = SIZE_LAWS[self.cut].range_numbers
         if need and len(self.cut_range) != need:
             raise ConfigError(f"--cut {self.cut} needs --cut-range with {need} numbers, got {len(self.cut_range)}")
         for p in self.prompts:
@@ -199,7 +206,6 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """This config with ``device`` "auto" replaced by the device it runs on (what manifests record)."""
-        from .devices import resolve_device
 
         device = resolve_device(self.device)
         return self if device == self.device else self.replace(device=device)

@@ -7,6 +7,8 @@ with code 2.  Anything else escaping is a bug.
 
 import re
 
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # the CLI's exit codes: a user error; Ctrl-C (as a shell reports SIGINT)
+
 LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # all that str.splitlines breaks at
 
 
@@ -49,3 +51,8 @@ class NonFiniteError(ClipguideError):
 
 class OutputError(ClipguideError, OSError):
     """An output file could not be written (full disk, no permission); the previous file is intact."""
+
+
+def error_detail(e: Exception, limit: int = 200) -> str:
+    """An exception's message on one line, shortened, for an error that quotes it."""
+    return " ".join(str(e).split())[:limit]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .snapshots import contact_sheet, row_labels, to_pil
+from .records.files import to_pil
+from .run.snapshots import contact_sheet, row_labels
 
 
 def batch_row(images) -> Image.Image:
@@ -49,7 +50,7 @@ class LivePreview:
 
 
 def snapshot_grid(result) -> Image.Image:
-    """A :class:`~clipguide.optimise.Result`'s snapshots (and final images) as a contact
+    """A :class:`~clipguide.engine.loop.Result`'s snapshots (and final images) as a contact
     sheet: one row per run (labelled with its prompt and seed), one column per step."""
     images = {step: [to_pil(im) for im in batch] for step, batch in result.snapshots.items()}
     images.setdefault(result.steps_done, [to_pil(im) for im in result.images])

@@ -1,6 +1,6 @@
 """Presets: named :class:`RunConfig` values reproducing the 2021 recipes.
 
-Every preset is faithful to its notebook as methods.md describes it unless its
+Every preset is faithful to its notebook as docs/methods.md describes it unless its
 ``deviations`` say otherwise; :data:`COMMON_DEVIATIONS` are those of all the notebook
 presets (``clipguide presets`` prints both).
 """
@@ -8,15 +8,14 @@ presets (``clipguide presets`` prints both).
 from __future__ import annotations
 
 import difflib
-import functools
-import json
 from dataclasses import dataclass
 
 from .config import RunConfig
-from .decoders import PACKAGE_DIR
 from .errors import ConfigError
 
 REAL = dict(decoder="dalle", clip="ViT-B-32/openai")
+
+
 ALEPH = dict(**REAL, size=512, loss="cosine", loss_scale=10.0, optimiser="adam", clamp_grad=False, cutn=64, cut_resample="bilinear", steps=10000)
 
 
@@ -52,36 +51,42 @@ def _add(name: str, summary: str, deviations: str = "", **fields) -> None:
 _add(
     "dvae-codebook",
     "Crowson's 'OpenAI dVAE+CLIP' (2021): straight-through categorical sampling over the DALL-E "
-    "codebook, AdamW 0.05, spherical-distance loss, Laplace output sampling, code blacklist (methods.md §2).",
+    "codebook, AdamW 0.05, spherical-distance loss, Laplace output sampling, code blacklist (docs/methods.md §2).",
     "The notebook loops until interrupted; here 1000 steps by default. Snapshots decode the argmax "
     "tokens with a Laplace pixel sample seeded by (seed, step), as the notebook's checkin samples.",
     **REAL, size=480, steps=1000, latent="categorical", init="randn", blacklist=True, noise_scale=1.0,
     display_noise=True, display="argmax", cutn=64, cut="crowson", cut_pow=1.0, cut_resample="lanczos", cut_clamp=True,
     loss="spherical", optimiser="adamw", lr=0.05,
 )
+
+
 _add(
     "aleph2image-delta",
     "advadnoun's Aleph2Image (Delta): exact one-hot init, parity-split softmax, 64 cutouts of 0.8-0.99 "
-    "bilinear + shared noise, -10·cosine loss, Adam 0.05 with lr ×1.005 per step, 'sharpie' decode (methods.md §5.1).",
+    "bilinear + shared noise, -10·cosine loss, Adam 0.05 with lr ×1.005 per step, 'sharpie' decode (docs/methods.md §5.1).",
     "The notebook displays the soft mix at its checkins and the 'sharpie' (per-parity-group argmax) decode "
     "once at the end; here every snapshot is the sharpie decode, so a snapshot at step k is the image a "
     "k-step run ends on (pass --display soft for the checkin view).",
     **ALEPH, latent="parity-softmax", init="onehot", display="sharpie", cut="uniform",
     cut_range=(0.8, 0.99), cut_noise=0.2, lr=0.05, lr_growth=1.005,
 )
+
+
 _add(
     "aleph2image",
     "advadnoun's first Aleph2Image (Jan 2021): randn logits, Gumbel-softmax (τ=1) over the spatial "
-    "positions of each code, 64 cutouts of N(0.8, 0.3) clipped to 0.5-0.98, -10·cosine loss, Adam 0.1 (methods.md §5.2).",
+    "positions of each code, 64 cutouts of N(0.8, 0.3) clipped to 0.5-0.98, -10·cosine loss, Adam 0.1 (docs/methods.md §5.2).",
     "The notebook's checkin decodes a fresh Gumbel sample; snapshots here decode the noise-free softmax, "
     "so they are deterministic.",
     **ALEPH, latent="spatial-gumbel", init="randn", display="soft", cut="normal",
     cut_range=(0.8, 0.3, 0.5, 0.98), lr=0.1,
 )
+
+
 _add(
     "aleph2image-gamma",
     "Aleph2Image (Gamma): one-hot init on codes 4846/4368/7675, parity-split Gumbel-softmax with inverse "
-    "temperature 16 ÷1.01 per step (floor 1.5), batch 2, Adam 0.01 with lr ×1.015 per step (methods.md §5.3).",
+    "temperature 16 ÷1.01 per step (floor 1.5), batch 2, Adam 0.01 with lr ×1.015 per step (docs/methods.md §5.3).",
     "Known only from a script port ('originally' values; medium confidence); its run length is unknown: "
     "1000 steps here. Snapshots use the sharpie decode (see aleph2image-delta). Codes beyond a smaller "
     "decoder's vocabulary are taken modulo its size. The port optimises its two images as one batch: one loss "
@@ -93,6 +98,8 @@ _add(
     temperature=16.0, temperature_decay=1.01, temperature_floor=1.5, batch=2, display="sharpie",
     cut="normal", cut_range=(0.8, 0.3, 0.5, 0.98), lr=0.01, lr_growth=1.015,
 )
+
+
 _add(
     "shapes",
     "clipguide's default recipe, developed on the offline shapes world: straight-through categorical "
@@ -104,34 +111,42 @@ _add(
            cut_whole=0.25, ema=0.9, loss="spherical", optimiser="adamw", lr=0.1),
 )
 
-# Crowson's VQGAN notebooks (methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.
+
+# Crowson's VQGAN notebooks (docs/methods.md §1, §3, §4): shared settings, no dVAE code blacklist or pixel noise.
 VQGAN_CROWSON = dict(clip="ViT-B-32/openai", size=480, steps=1000, cutn=64, cut="crowson", cut_pow=1.0,
                      cut_resample="lanczos", cut_clamp=True, loss="spherical", lr=0.05, display="argmax", blacklist=False, noise_scale=0.0)
+
+
 _add(
     "vqgan-codebook",
     "Crowson's VQGAN codebook sampling (2021): straight-through categorical sampling over the VQGAN codebook "
-    "(one-hot @ codebook, then the decoder), AdamW 0.05, spherical-distance loss, 64 cutouts, ImageNet f16 1024 (methods.md §3).",
+    "(one-hot @ codebook, then the decoder), AdamW 0.05, spherical-distance loss, 64 cutouts, ImageNet f16 1024 (docs/methods.md §3).",
     "The notebook loops until interrupted; here 1000 steps by default. Snapshots decode the argmax tokens, as its checkin does.",
     **VQGAN_CROWSON, decoder="vqgan-imagenet-f16-1024", latent="categorical", init="randn", optimiser="adamw",
 )
+
+
 _add(
     "vqgan-zquantize",
     "Crowson's 'VQGAN+CLIP' z+quantize (2021): z starts on random codebook vectors and decodes its nearest codes "
     "(straight-through), clamped per channel to the codebook's range after each step; Adam 0.05, spherical loss, "
-    "64 cutouts; --init-weight adds init_weight/2·MSE(z, z_init) (methods.md §4).",
+    "64 cutouts; --init-weight adds init_weight/2·MSE(z, z_init) (docs/methods.md §4).",
     "1000 steps instead of an endless loop. The checkpoint is ImageNet f16 1024, as in the codebook notebook "
-    "(methods.md does not record this notebook's). --init-weight pulls toward the initial z as the notebook does, "
-    "not toward zero with a decaying weight as nerdyrodent's generate.py does (methods.md §6).",
+    "(docs/methods.md does not record this notebook's). --init-weight pulls toward the initial z as the notebook does, "
+    "not toward zero with a decaying weight as nerdyrodent's generate.py does (docs/methods.md §6).",
     **VQGAN_CROWSON, decoder="vqgan-imagenet-f16-1024", latent="zquantize", init="onehot", optimiser="adam", init_weight=0.0,
 )
+
+
 _add(
     "vqgan-gumbel",
     "The codebook-sampling method (vqgan-codebook) on taming's Gumbel-quantized f8 VQGAN (OpenImages, 8192 codes), "
-    "whose codebook is quantize.embed (methods.md §3, §6).",
+    "whose codebook is quantize.embed (docs/methods.md §3, §6).",
     "No notebook paired the two: nerdyrodent runs GumbelVQ checkpoints with z+quantize (add --latent zquantize "
     "--init onehot --optimiser adam for that) and hard-codes e_dim 256; here e_dim is read from the config (256 for this checkpoint).",
     **VQGAN_CROWSON, decoder="vqgan-gumbel-f8-8192", latent="categorical", init="randn", optimiser="adamw",
 )
+
 
 DEFAULT_PRESET = "shapes"
 
@@ -142,14 +157,3 @@ def get_preset(name: str) -> RunConfig:
         close = difflib.get_close_matches(name, PRESETS, n=3) or list(PRESETS)
         raise ConfigError(f"unknown preset {name!r}: did you mean {', '.join(close)}? (clipguide presets lists them)")
     return PRESETS[name].config
-
-
-@functools.lru_cache(maxsize=None)
-def _blacklist_file() -> dict:
-    return json.loads((PACKAGE_DIR / "data" / "dalle_code_blacklist.json").read_text())
-
-
-def dalle_blacklist(vocab: int) -> list[int]:
-    """Crowson's blacklist of 363 DALL-E codes (biased by -100); only meaningful for
-    OpenAI's 8192-code decoder, so any other vocabulary gets none."""
-    return _blacklist_file()["codes"] if vocab == 8192 else []

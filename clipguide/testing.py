@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from .models.clip import Clip, custom_attention
+from .models.dalle import DalleDecoder
+from .models.dalle_files import freeze
+from .models.vqgan import TamingConfig, VQGANDecoder, build_parts
+
 
 def random_dalle_decoder(seed: int = 0, **kwargs):
     """OpenAI's dVAE decoder architecture (8192 codes, f=8 unless ``kwargs`` say otherwise), random weights."""
     from dall_e.decoder import Decoder
 
-    from .decoders import DalleDecoder
-    from .decoders.dalle_files import freeze
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -26,7 +29,6 @@ def random_clip(model_name: str = "ViT-B-32-quickgelu", seed: int = 0, model_cfg
     """An open_clip model (by name, or from a config dict) with random weights, wrapped as :class:`Clip`."""
     import open_clip
 
-    from .clip import Clip, custom_attention
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -67,7 +69,6 @@ def random_vqgan(arch: dict = VQGAN_F16_16384, seed: int = 0):
     The codebook is drawn from N(0, 1) instead of taming's U(±1/V) init: trained codebooks
     spread far wider, and z+quantize's clamp box is the codebook's range.
     """
-    from .decoders.vqgan import TamingConfig, VQGANDecoder, build_parts
 
     cfg = TamingConfig(arch.get("quantizer", "vq"), dict(arch["ddconfig"]), arch["n_embed"], arch["embed_dim"], source="random")
     with torch.random.fork_rng():

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from clipguide import ClipguideError, audit_bias
-from clipguide.bias import DEFAULT_ATTRIBUTE, occupation_prompts, read_prompts
-from clipguide.experiments import example_cutn, example_images, example_steps
+from clipguide.audit.bias import DEFAULT_ATTRIBUTE, occupation_prompts, read_prompts
+from clipguide.run.experiments import example_cutn, example_images, example_steps
 
 SHAPES_PROMPTS = ("a circle", "a square", "a triangle")  # colour left open, as gender is in "a photo of a nurse"
 SHAPES_ATTRIBUTE = "red|yellow|green|blue"

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from clipguide import ClipguideError, classify
-from clipguide.experiments import example_cutn, example_steps, run_experiments, scaled_snapshots, select_experiments
+from clipguide.run.experiments import example_cutn, example_steps, run_experiments, scaled_snapshots, select_experiments
 from clipguide.presets import get_preset
-from clipguide.snapshots import save_json
+from clipguide.records.files import save_json
 
 
 def main(argv=None) -> int:

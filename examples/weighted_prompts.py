@@ -9,9 +9,9 @@ contact_sheet.png):
   weighted  Midjourney weights: a yellow square::2 a purple background::1
   negative  Crowson weights, one negative: a red circle on a blue background | a red square:-0.5
   image     the final image of 'plain' as an image prompt: image:PATH:0.7 | a green background:0.3
-  blend     clipguide.prompts.blend_prompt of the 'plain' and 'weighted' images with a text
+  blend     clipguide.engine.prompts.blend_prompt of the 'plain' and 'weighted' images with a text
 Then the blend's lineage (runs it grew from) is printed and drawn to --out/lineage.png.
-The grammar is in clipguide.prompts (README, "Prompts"). $CLIPGUIDE_EXAMPLE_STEPS and
+The grammar is in clipguide.engine.prompts (README, "Prompts"). $CLIPGUIDE_EXAMPLE_STEPS and
 $CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and --cutn.
 """
 
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import clipguide
-from clipguide.experiments import example_cutn, example_steps
-from clipguide.lineage import draw_lineage, final_image, format_lineage, lineage
-from clipguide.prompts import blend_prompt
+from clipguide.run.experiments import example_cutn, example_steps
+from clipguide.records.lineage import draw_lineage, final_image, format_lineage, lineage
+from clipguide.engine.prompts import blend_prompt
 
 
 def main(argv=None) -> int:

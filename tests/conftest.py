@@ -75,7 +75,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def shapes_models():
     """(decoder, clip): the shipped shapes-world dVAE and CLIP (their absence is a failure, not a skip)."""
-    from clipguide.decoders import PACKAGE_DIR
+    from clipguide.paths import PACKAGE_DIR
 
     models = PACKAGE_DIR / "shapes" / "models"
     if not all((models / f).exists() for f in ("shapes-dvae.json", "shapes-clip.json")):

@@ -1,6 +1,6 @@
 """Crowson's notebook operations written out once, as independent references for the tests.
 
-These are the VQGAN+CLIP / dVAE notebooks' own definitions (methods.md §1-§4), spelled out here
+These are the VQGAN+CLIP / dVAE notebooks' own definitions (docs/methods.md §1-§4), spelled out here
 instead of imported from ``clipguide``, so a test that compares clipguide with them checks
 clipguide against something other than itself: sinc, lanczos, ramp and resample (the Lanczos-2
 low-pass, reflect padding, then bicubic with align_corners=True), MakeCutouts (one crop and one

@@ -1,4 +1,4 @@
-"""The arithmetic of clipguide.ops, clipguide.losses and clipguide.cutouts pinned to known values and
+"""The arithmetic of clipguide.engine.ops, clipguide.engine.losses and clipguide.engine.cutouts pinned to known values and
 independent references.
 
 A mutation test found formulas checked only against themselves: an un-normalised Lanczos kernel,
@@ -26,11 +26,11 @@ import math
 import pytest
 import torch
 
-from clipguide import cutouts
+from clipguide.engine import cutouts
 from clipguide.config import RunConfig
-from clipguide.cutouts import crop_resize, draw_offsets, draw_sizes, random_affine, resize_matrix
-from clipguide.losses import cosine_loss, cosine_similarities, prompt_similarity, spherical_distance, spherical_loss
-from clipguide.ops import clamp_with_grad, gumbel_noise, laplace_noise, replace_grad, resample, tv_loss, vector_quantize
+from clipguide.engine.cutouts import crop_resize, draw_offsets, draw_sizes, random_affine, resize_matrix
+from clipguide.engine.losses import cosine_loss, cosine_similarities, prompt_similarity, spherical_distance, spherical_loss
+from clipguide.engine.ops import clamp_with_grad, gumbel_noise, laplace_noise, replace_grad, resample, tv_loss, vector_quantize
 from reference import ClampWithGrad, per_crop
 from reference import resample as crowson_resample
 

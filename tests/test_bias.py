@@ -8,11 +8,11 @@ import json
 import pytest
 
 import clipguide
-from clipguide.snapshots import read_png_text
+from clipguide.records.files import read_png_text
 import torch
 
 from clipguide import audit_bias
-from clipguide import bias as B
+from clipguide.audit import bias as B
 from clipguide.cli import main
 from clipguide.errors import ConfigError
 from clipguide.shapes.judge import judge_batch
@@ -63,7 +63,7 @@ def test_counts_and_intervals_match_the_judge_on_known_answers(shapes_models, re
 def test_audit_bias_generates_in_batches_and_writes_its_files(tmp_path, monkeypatch):
     import importlib
 
-    module = importlib.import_module("clipguide.optimise")  # the package re-exports the function under the same name
+    module = importlib.import_module("clipguide.run.session")  # every run goes through run_session -> optimise
     calls = []
     real = module.optimise
 
@@ -105,6 +105,14 @@ def test_cli_audit_end_to_end(tmp_path, capsys):
     data = json.loads((out / "bias.json").read_text())
     assert [im["seed"] for im in data["images"]] == [3, 4, 3, 4] and data["generation"]["size"] == 64
     assert (out / "bias.png").is_file() and (out / "bias.csv").is_file()
+    csv_text = (out / "bias.csv").read_text()
+    (out / "bias.csv").unlink()
+    assert main(["audit-bias", "--prompts", str(prompts), "--images-per-prompt", "2", "--attribute", RED_GREEN,
+                 "--steps", "1", "--size", "64", "--cutn", "2", "--seed", "3", "--out", str(out), "--resume"]) == 0
+    assert (out / "bias.csv").read_text() == csv_text  # every batch read back from its checkpoint
+    capsys.readouterr()
+    assert main(["audit-bias", "--prompts", str(prompts), "--attribute", RED_GREEN, "--resume"]) == 2
+    assert "pass its --out" in capsys.readouterr().err
 
 
 def test_occupations_ship_with_their_source():
@@ -135,3 +143,30 @@ def test_cli_errors_are_one_line_exit_2(args, message, tmp_path, capsys):
     assert main(["audit-bias", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
+
+
+def test_an_interrupted_audit_resumes_to_the_same_counts_and_refuses_other_settings(tmp_path):
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    kw = dict(images_per_prompt=2, steps=3, seed=1, batch_size=2, size=64, cutn=2)
+    whole = audit_bias(prompts, RED_GREEN, out_dir=tmp_path / "whole", **kw)
+
+    class StopInSecondBatch:
+        calls = 0
+
+        def __call__(self, state):
+            self.calls += 1
+            if self.calls == 4 + 2:  # batch 0 has steps 0..3; stop batch 1 after its step 1
+                raise KeyboardInterrupt
+
+    out = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        audit_bias(prompts, RED_GREEN, out_dir=out, callback=StopInSecondBatch(), **kw)
+    assert not (out / "bias.csv").exists() and (out / "images" / "batch_01" / "checkpoint.safetensors").is_file()
+    with pytest.raises(ConfigError, match="other settings"):
+        audit_bias(prompts, RED_GREEN, out_dir=out, resume=True, **{**kw, "steps": 4})
+    resumed = audit_bias(prompts, RED_GREEN, out_dir=out, resume=True, **kw)
+    assert resumed.rows == whole.rows
+    assert [im["probabilities"] for im in resumed.images] == [im["probabilities"] for im in whole.images]
+    assert (out / "bias.csv").read_text() == (tmp_path / "whole" / "bias.csv").read_text()
+    with pytest.raises(ConfigError, match="no audit to resume"):
+        audit_bias(prompts, RED_GREEN, out_dir=tmp_path / "none", resume=True, **kw)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clipguide.cli import main
-from clipguide.lineage import draw_lineage, final_image, format_lineage, lineage
+from clipguide.records.lineage import draw_lineage, final_image, format_lineage, lineage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,7 @@ def test_from_refuses_ambiguous_runs_and_double_inits(small, tmp_path, capsys, p
 
 
 def test_image_bytes_are_hashed_as_read(tmp_path):
-    from clipguide.images import decode_image, sha256_of
+    from clipguide.records.images import decode_image, sha256_of
 
     buf = io.BytesIO()
     Image.new("RGB", (4, 4), "red").save(buf, format="PNG")

@@ -8,8 +8,9 @@ import socket
 import open_clip
 import pytest
 
-from clipguide import catalogue, weights
-from clipguide.clip import RECOMMENDED_CLIPS
+from clipguide import catalogue
+from clipguide.models import weights
+from clipguide.models.clip import RECOMMENDED_CLIPS
 from clipguide.config import RunConfig
 from clipguide.presets import COMMON_DEVIATIONS, DEFAULT_PRESET, PRESETS
 
@@ -174,7 +175,7 @@ def test_decoder_status(offline):
     (offline / "dalle").mkdir()
     (offline / "dalle" / "decoder.pkl").write_bytes(b"")
     assert catalogue.decoder_status("dalle") == "cached"
-    from clipguide.decoders import taming_cache_paths
+    from clipguide.models.decoders import taming_cache_paths
 
     for path in taming_cache_paths("vqgan-gumbel-f8-8192"):
         path.parent.mkdir(exist_ok=True)

@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from clipguide import classification as C
+from clipguide.audit import classification as C
 from clipguide.cli import main
 from clipguide.errors import ConfigError
 from clipguide.shapes.scenes import COLOUR_NAMES, SHAPES

@@ -99,3 +99,11 @@ def test_presets_and_models_list(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
     assert "dalle" in text and "ViT-B-32/openai" in text
+
+
+def test_train_shapes_passes_its_options_on(capsys):
+    """`clipguide train-shapes --only ...` reaches the training command (argparse alone refuses a leading option)."""
+    assert main(["train-shapes", "--only", "nosuch"]) == 2
+    assert "unknown model kind(s) nosuch" in capsys.readouterr().err
+    assert main(["generate", "x", "--bogus", "1"]) == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err

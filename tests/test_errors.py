@@ -17,13 +17,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipguide import classification, clip, lineage, output_filter, safeload, weights
+from clipguide.audit import classification, output_filter
+from clipguide.models import clip, safeload, weights
+from clipguide.records import lineage
 from clipguide.config import RunConfig
-from clipguide.decoders import DalleDecoder, dalle_files, load_decoder, vqgan
+from clipguide.models.dalle import DalleDecoder
+from clipguide.models import dalle_files, vqgan
+from clipguide.models.decoders import load_decoder
 from clipguide.errors import ConfigError, UnsafePickleError, WeightsError
-from clipguide.snapshots import MANIFEST
+from clipguide.records.manifest import MANIFEST
 
-replay = importlib.import_module("clipguide.replay")  # the package exports a replay() function under that name
+replay = importlib.import_module("clipguide.run.replay")  # the package exports a replay() function under that name
 
 
 def one_line(excinfo, *parts):
@@ -425,7 +429,7 @@ def test_config_refuses_on_one_line(fields, words):
 
 
 def test_devices_refuse_what_is_not_here(monkeypatch):
-    from clipguide.devices import check_device
+    from clipguide.engine.devices import check_device
 
     with pytest.raises(ConfigError) as e:
         check_device("gpu0")

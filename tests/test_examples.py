@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipguide.experiments import SHAPES_EXPERIMENTS, scaled_snapshots
-from clipguide.snapshots import read_png_text
+from clipguide.run.experiments import SHAPES_EXPERIMENTS, scaled_snapshots
+from clipguide.records.files import read_png_text
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS = 4

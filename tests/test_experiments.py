@@ -7,12 +7,9 @@ import pytest
 import torch
 
 from clipguide import ConfigError
-from clipguide.experiments import (
-    SEED_EXPERIMENTS, SHAPES_EXPERIMENTS, example_cutn, example_steps, run_experiments, scaled_snapshots,
-    select_experiments, snapshot_unit, weights_present,
-)
+from clipguide.run.experiments import SEED_EXPERIMENTS, SHAPES_EXPERIMENTS, example_cutn, example_steps, run_experiments, scaled_snapshots, select_experiments, snapshot_unit, weights_present
 from clipguide.notebook import LivePreview, snapshot_grid
-from clipguide.optimise import StepState
+from clipguide.engine.state import StepState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

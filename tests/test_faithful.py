@@ -1,4 +1,4 @@
-"""The Crowson presets against Crowson's notebooks, written out (methods.md §1-§4).
+"""The Crowson presets against Crowson's notebooks, written out (docs/methods.md §1-§4).
 
 The notebooks' own operations -- ClampWithGrad, ReplaceGrad, MakeCutouts (one crop and one
 resample per cutout, with Crowson's Lanczos resample, then the clamp), vector_quantize, the Prompt
@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipguide.cutouts import draw_offsets, draw_sizes, make_cutouts
-from clipguide.latents import make_latent
-from clipguide.losses import spherical_loss
-from clipguide.ops import laplace_noise
-from clipguide.optimise import Step, code_bias, grid_of, make_generators
+from clipguide.engine.cutouts import draw_offsets, draw_sizes, make_cutouts
+from clipguide.engine.latents import make_latent
+from clipguide.engine.losses import spherical_loss
+from clipguide.engine.ops import laplace_noise
+from clipguide.engine.loop import Step
+from clipguide.engine.loop import code_bias, grid_of
+from clipguide.engine.state import make_generators
 from clipguide.presets import get_preset
-from clipguide.prompts import encode_targets
+from clipguide.engine.prompts import encode_targets
 from clipguide.testing import random_vqgan
 from reference import ClampWithGrad, ReplaceGrad, notebook_cutouts, notebook_prompt, notebook_vector_quantize, resample
 
@@ -58,7 +60,7 @@ def clipguide_step(cfg, decoder, clip):
     latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
     start = latent.param.detach().clone()
     state = gens[0].get_state()
-    step = Step(cfg, decoder, clip, latent, encode_targets(clip, list(cfg.prompts), cfg, [cfg.seed]), [cfg.seed])
+    step = Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, list(cfg.prompts), cfg, [cfg.seed]), [cfg.seed])
     step.forward(gens, 0, backward=True)
     return start, latent.param.grad[0], state
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipguide import snapshots
-from clipguide.checkpoint import FILENAME, read_checkpoint
+from clipguide.records import files
+from clipguide.records.checkpoints import FILENAME, read_checkpoint
 from clipguide.cli import main
 
 # The shapes world at 64 px: about 0.1 s a step on one thread.
@@ -187,8 +187,8 @@ class FullDisk:
 
     def __init__(self, monkeypatch, name: str, nth: int, room: int = 100):
         self.name, self.nth, self.room, self.seen, self.paths = name, nth, room, 0, {}
-        monkeypatch.setattr(snapshots, "tempfile", _Proxy(tempfile, mkstemp=self.mkstemp))
-        monkeypatch.setattr(snapshots, "os", _Proxy(os, fdopen=self.fdopen))
+        monkeypatch.setattr(files, "tempfile", _Proxy(tempfile, mkstemp=self.mkstemp))
+        monkeypatch.setattr(files, "os", _Proxy(os, fdopen=self.fdopen))
 
     def mkstemp(self, **kw):
         fd, path = tempfile.mkstemp(**kw)
@@ -223,8 +223,8 @@ def test_a_failed_write_names_the_file_its_error_and_the_fix(tmp_path, code):
         f.write(b"half a manifest")
         raise OSError(code, os.strerror(code))
 
-    with pytest.raises(snapshots.OutputError) as err:
-        snapshots.atomic_write(path, fail)
+    with pytest.raises(files.OutputError) as err:
+        files.atomic_write(path, fail)
     assert str(err.value) == f"cannot write {path} ({os.strerror(code)}): {HINTS[code]}"
     assert path.read_text() == "the previous manifest" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
 
@@ -237,7 +237,7 @@ def test_a_write_interrupted_otherwise_leaves_no_temporary_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # not turned into an OutputError
-        snapshots.atomic_write(path, interrupted)
+        files.atomic_write(path, interrupted)
     assert list(tmp_path.iterdir()) == []
 
 

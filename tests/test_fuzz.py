@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipguide import ClipguideError, ConfigError, PromptError, RunConfig, Snapshotter, get_preset
-from clipguide import cli, generation, images, lineage, snapshots
-from clipguide.prompts import check_prompt
+from clipguide import cli, commands
+from clipguide.records.manifest import read_manifest
+from clipguide.models import loading
+from clipguide.records import images, lineage
+from clipguide.engine.prompts import check_prompt
 
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -99,7 +102,7 @@ def test_manifest_reader_and_its_users_raise_only_clipguide_errors(recorded, dat
     try:
         (run / "manifest.json").write_text(data.draw(damaged(manifest)), encoding="utf-8", errors="surrogatepass")
         try:
-            m = snapshots.read_manifest(run)
+            m = read_manifest(run)
             lineage.final_image(run / "run_00")
             lineage.run_prompt(run / "run_01")
             saver = Snapshotter(run, RunConfig.from_dict(m["config"]), m["models"], overwrite=True)
@@ -122,7 +125,7 @@ def reached(*args, **kwargs):
     raise Reached
 
 
-SUBCOMMANDS = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+SUBCOMMANDS = next(a for a in commands.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
 # train-shapes trains models; calibrate-filter renders --n scenes before its CLIP is loaded.
 COMMANDS = [c for c in SUBCOMMANDS if c not in ("train-shapes", "calibrate-filter")]
 OPTIONS = sorted({o for c in COMMANDS for action in SUBCOMMANDS[c]._actions for o in action.option_strings})
@@ -141,8 +144,8 @@ def sandbox(tmp_path, monkeypatch):
     """No model is loaded and no URL fetched; the working directory is a temporary one (the fuzzed values
     hold no path separators, so output folders land there)."""
     monkeypatch.chdir(tmp_path)
-    for name in ("load_models", "cached_clip", "cached_decoder"):
-        monkeypatch.setattr(generation, name, reached)
+    for name in ("cached_clip", "cached_decoder"):  # what every load of models goes through
+        monkeypatch.setattr(loading, name, reached)
     monkeypatch.setattr(images, "_download", lambda url: (_ for _ in ()).throw(OSError("offline")))
 
 

@@ -13,10 +13,12 @@ import torch
 from PIL import Image, ImageFile
 
 from clipguide import ClipguideError, Snapshotter, get_preset, load_clip, load_decoder
-from clipguide.checkpoint import FILENAME, read_checkpoint
-from clipguide.cli import default_out, main
-from clipguide.decoders import PACKAGE_DIR
-from clipguide.snapshots import read_manifest, save_json
+from clipguide.records.checkpoints import FILENAME, read_checkpoint
+from clipguide.cli import main
+from clipguide.commands import default_out
+from clipguide.paths import PACKAGE_DIR
+from clipguide.records.manifest import read_manifest
+from clipguide.records.files import save_json
 
 
 class Payload:
@@ -158,7 +160,7 @@ def test_bombs_and_truncated_images_are_refused_on_one_line(bad_images, tiny_fla
 def test_truncated_images_are_never_padded():
     import importlib
 
-    for module in ("clipguide", "clipguide.classification", "clipguide.decoders.vqgan", "clipguide.shapes.train"):
+    for module in ("clipguide", "clipguide.audit.classification", "clipguide.models.vqgan", "clipguide.shapes.train"):
         importlib.import_module(module)  # with everything they import (open_clip, taming, ...)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

@@ -15,7 +15,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
-from clipguide import clip, weights
+from clipguide.models import clip, weights
 from clipguide.errors import ConfigError, UnsafePickleError, WeightsError
 
 torch.set_num_threads(1)
@@ -280,7 +280,7 @@ def test_a_path_with_a_plus_is_one_clip(tiny_json, tmp_path):
 
 
 def test_audits_refuse_an_ensemble_and_name_a_member():
-    from clipguide.classification import resolve_clip
+    from clipguide.audit.classification import resolve_clip
 
     with pytest.raises(ConfigError) as err:
         resolve_clip("shapes+shapes")

@@ -18,10 +18,8 @@ import torch
 from dall_e import Decoder, Encoder
 from safetensors.torch import save_file
 
-from clipguide import safeload, weights
-from clipguide.decoders.dalle_files import (
-    load_dalle_decoder, load_dalle_encoder, load_dalle_safetensors, repair_upsample,
-)
+from clipguide.models import loading, safeload, weights
+from clipguide.models.dalle_files import load_dalle_decoder, load_dalle_encoder, load_dalle_safetensors, repair_upsample
 from clipguide.errors import ConfigError, UnsafePickleError, WeightsError
 
 torch.set_num_threads(1)
@@ -354,7 +352,7 @@ def test_local_decoder_pkl_encodes_with_the_encoder_pkl_beside_it(decoder_file, 
     """Full size: load_decoder(decoder.pkl).encode_logits is dall_e's encoder(map_pixels(x))."""
     from dall_e import map_pixels
 
-    from clipguide.decoders import load_decoder
+    from clipguide.models.decoders import load_decoder
 
     (tmp_path / "decoder.pkl").symlink_to(decoder_file[1])
     (tmp_path / "encoder.pkl").symlink_to(encoder_file[1])
@@ -371,7 +369,7 @@ def test_local_decoder_pkl_encodes_with_the_encoder_pkl_beside_it(decoder_file, 
 def test_registry_dalle_fetches_encoder_pkl_on_first_encode_and_checks_it_on_next_use(tiny_pickles, cache, monkeypatch):
     from dall_e import map_pixels
 
-    from clipguide.decoders import load_decoder
+    from clipguide.models.decoders import load_decoder
 
     reference, folder = tiny_pickles
     for kind in ("decoder", "encoder"):  # the "download": file:// URLs through the real fetch
@@ -398,7 +396,7 @@ def test_a_run_without_init_image_never_touches_the_encoder(tiny_pickles, tiny_c
     from pathlib import Path
 
     from clipguide import RunConfig, optimise
-    from clipguide.decoders import load_decoder
+    from clipguide.models.decoders import load_decoder
 
     _, folder = tiny_pickles
     monkeypatch.setitem(weights.DALLE_FILES["decoder"], "url", (folder / "decoder.pkl").as_uri())
@@ -446,8 +444,8 @@ def test_missing_encoder_pkl_beside_a_local_decoder_is_one_line(tiny_pickles, ti
 
     from clipguide import RunConfig
     from clipguide.cli import main
-    from clipguide.decoders import load_decoder
-    from clipguide.optimise import check_fits
+    from clipguide.models.decoders import load_decoder
+    from clipguide.engine.loop import check_fits
 
     local = _copy(tiny_pickles[1], tmp_path / "local", ("decoder.pkl",))
     expected = local.parent / "encoder.pkl"
@@ -476,7 +474,7 @@ def test_generate_with_init_image_on_pickled_dvae_records_the_encoder_and_resume
     import clipguide
     from PIL import Image
 
-    from clipguide.snapshots import read_manifest
+    from clipguide.records.manifest import read_manifest
 
     local = _copy(tiny_pickles[1], tmp_path / "dvae")
     init = tmp_path / "init.png"
@@ -496,16 +494,16 @@ def test_generate_with_init_image_on_pickled_dvae_records_the_encoder_and_resume
     run = tmp_path / "run"
     with pytest.raises(_Crash):
         clipguide.generate("a red circle", out_dir=run, init_image=str(init), callback=crash_at_3, checkpoint_every=2, **kw)
-    clipguide.generation.cached_decoder.cache_clear()  # as in a new process: the encoder is not loaded yet
+    loading.cached_decoder.cache_clear()  # as in a new process: the encoder is not loaded yet
     resumed = clipguide.resume(run)
     assert torch.equal(resumed.images, reference.images) and torch.equal(resumed.losses, reference.losses)
     assert read_manifest(run)["models"] == read_manifest(tmp_path / "ref")["models"]
     other = _seeded(lambda: Encoder(**TINY["encoder"]), seed=4)  # another encoder.pkl: not the same run any more
     torch.save(other, local.parent / "encoder.pkl")
-    clipguide.generation.cached_decoder.cache_clear()
+    loading.cached_decoder.cache_clear()
     try:
         with pytest.raises(WeightsError, match="models differ") as err:
             clipguide.resume(run)
         _assert_one_line(err, f"encoder sha256 {encoder_sha[:12]}")
     finally:
-        clipguide.generation.cached_decoder.cache_clear()
+        loading.cached_decoder.cache_clear()

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from clipguide import RunConfig, get_preset, optimise
-from clipguide.latents import make_latent
-from clipguide.losses import spherical_loss
-from clipguide.optimise import make_generators
-from clipguide.presets import PRESETS, dalle_blacklist
+from clipguide.engine.latents import make_latent
+from clipguide.engine.losses import spherical_loss
+from clipguide.engine.state import make_generators
+from clipguide.presets import PRESETS
+from clipguide.models.dalle import dalle_blacklist
 
 SMALL = dict(size=32, cutn=3, decoder="test", clip="test")
 
@@ -66,7 +67,7 @@ def test_callback_sees_every_step_and_interrupt_returns_partial(tiny_dvae, tiny_
 
 
 def test_lr_growth_and_temperature_decay(tiny_dvae, tiny_clip):
-    from clipguide.optimise import lr_at
+    from clipguide.engine.loop import lr_at
 
     cfg = cfg_of("aleph2image-delta")
     assert math.isclose(lr_at(cfg, 1000), 0.05 * 1.005**1000)
@@ -146,7 +147,7 @@ def test_presets_are_faithful_configs():
 
 
 def test_cutout_augmentations_are_seeded_and_whole_views_see_everything():
-    from clipguide.cutouts import make_cutouts
+    from clipguide.engine.cutouts import make_cutouts
     from reference import resample  # Crowson's resample written out, not clipguide's
 
     img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
@@ -162,7 +163,7 @@ def test_cutout_augmentations_are_seeded_and_whole_views_see_everything():
 
 def test_cut_mirror_zooms_the_whole_views_out_over_a_reflect_padded_image():
     import torch.nn.functional as F
-    from clipguide.cutouts import crop_resize, draw_offsets, draw_sizes
+    from clipguide.engine.cutouts import crop_resize, draw_offsets, draw_sizes
     from clipguide.errors import ConfigError
     from reference import resample  # Crowson's resample written out, not clipguide's
 
@@ -194,7 +195,7 @@ def test_cut_mirror_zooms_the_whole_views_out_over_a_reflect_padded_image():
 
 
 def test_cut_mirror_views_are_seeded_and_differ_from_plain_whole_views():
-    from clipguide.cutouts import make_cutouts
+    from clipguide.engine.cutouts import make_cutouts
 
     img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(199))
     cfg = RunConfig(cutn=8, cut_whole=0.5, cut_mirror=0.8, cut_affine=0.0)
@@ -206,7 +207,7 @@ def test_cut_mirror_views_are_seeded_and_differ_from_plain_whole_views():
 
 
 def test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount():
-    from clipguide.cutouts import make_cutouts
+    from clipguide.engine.cutouts import make_cutouts
     from clipguide.errors import ConfigError
 
     img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(212))
@@ -226,7 +227,7 @@ def test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount():
 
 def test_the_loop_and_latents_refuse_what_they_cannot_do_in_one_line(tiny_dvae, tiny_clip):
     from clipguide.errors import ConfigError
-    from clipguide.optimise import check_fits
+    from clipguide.engine.loop import check_fits
 
     with pytest.raises(ConfigError, match="no prompt given"):
         optimise(RunConfig(size=32, cutn=2, device="cpu"), tiny_dvae, tiny_clip)

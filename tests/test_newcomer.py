@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import clipguide
-from clipguide.cli import build_parser, busy_cores, main, thread_note
+from clipguide.cli import main
+from clipguide.commands import build_parser, busy_cores, thread_note
 from clipguide.config import GROUPS, RunConfig
-from clipguide.devices import check_device, resolve_device
+from clipguide.engine.devices import check_device, resolve_device
 from clipguide.errors import ConfigError
-from clipguide.generation import make_config, vocabulary_note
+from clipguide.run.generation import make_config, vocabulary_note
 from clipguide.presets import DEFAULT_PRESET, get_preset
 
 CONSOLE_SCRIPT = "import sys; from clipguide.cli import main; sys.exit(main())"  # what pip's `clipguide` script runs
@@ -30,12 +31,12 @@ def small(tiny_model_files):
 
 def test_import_loads_no_torch_and_keeps_the_exported_functions():
     code = ("import sys, clipguide; assert 'torch' not in sys.modules, 'import clipguide loaded torch'; "
-            "import clipguide.optimise, clipguide.replay, clipguide.generation; "
+            "import clipguide.engine.loop, clipguide.run.replay, clipguide.run.generation; "
             "assert callable(clipguide.optimise) and callable(clipguide.replay), 'a submodule shadowed a function'; "
             "print(clipguide.optimise.__module__, clipguide.replay.__module__)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["clipguide.optimise", "clipguide.replay"]
+    assert p.stdout.split() == ["clipguide.engine.loop", "clipguide.run.replay"]
     assert set(clipguide.__all__) <= set(dir(clipguide))
     assert all(getattr(clipguide, name) is not None for name in clipguide.__all__)
 

@@ -26,14 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from clipguide import PRESETS, RunConfig, optimise
-from clipguide import cutouts as cutouts_module
-from clipguide.cutouts import draw_offsets, draw_sizes, make_cutouts, random_affine
-from clipguide.latents import Softmax, make_latent
-from clipguide.losses import cosine_loss, cosine_similarities
-from clipguide.ops import laplace_noise, resample, tv_loss
-from clipguide.optimise import Step, code_bias, display_seed, grid_of, lr_at, make_generators, make_optimiser
-from clipguide.presets import dalle_blacklist
-from clipguide.prompts import encode_targets, phrase_index
+from clipguide.engine import cutouts as cutouts_module
+from clipguide.engine.cutouts import draw_offsets, draw_sizes, make_cutouts, random_affine
+from clipguide.engine.latents import Softmax, make_latent
+from clipguide.engine.losses import cosine_loss, cosine_similarities
+from clipguide.engine.ops import laplace_noise, resample, tv_loss
+from clipguide.engine.loop import Step
+from clipguide.engine.loop import code_bias, grid_of, lr_at, make_optimiser
+from clipguide.engine.state import display_seed, make_generators
+from clipguide.models.dalle import DalleDecoder, dalle_blacklist
+from clipguide.models.vqgan import VQGANDecoder
+from clipguide.engine.prompts import encode_targets, phrase_index
 from clipguide.testing import random_dalle_decoder, random_vqgan
 
 from conftest import TINY_DVAE
@@ -288,7 +291,7 @@ def test_story_every_1_switches_the_phrase_every_step(tiny_dvae, tiny_clip):
     def loss_at(c, k):
         gens = make_generators([0])
         latent = make_latent(c, tiny_dvae.vocab_size, grid_of(c, tiny_dvae), gens)
-        step = Step(c, tiny_dvae, tiny_clip, latent, encode_targets(tiny_clip, c.prompts, c, [0]), [0])
+        step = Step.for_prompts(c, tiny_dvae, tiny_clip, latent, encode_targets(tiny_clip, c.prompts, c, [0]), [0])
         with torch.no_grad():
             return step.forward(gens, k)[0]
 
@@ -326,9 +329,11 @@ def test_softmax_latent_relaxes_to_its_probabilities_and_raises_the_similarity(s
 
 
 class Vocab8192:
-    """The part of OpenAI's dVAE that code_bias reads: an 8192-code vocabulary (nothing is decoded)."""
+    """The part of OpenAI's dVAE that code_bias reads: an 8192-code vocabulary and the adapter's own
+    list of blacklisted codes (nothing is decoded)."""
 
     vocab_size = 8192
+    blacklisted_codes = DalleDecoder.blacklisted_codes
 
 
 @pytest.mark.parametrize("latent", ["categorical", "parity-softmax"])
@@ -341,8 +346,9 @@ def test_blacklist_gives_the_dalle_blacklisted_codes_no_probability(latent):
     keep[codes] = False
     assert torch.all(bias[keep] == 0)
     assert code_bias(RunConfig(blacklist=False), Vocab8192()) is None
-    assert code_bias(RunConfig(blacklist=True), type("V", (), {"vocab_size": 512})()) is None  # other vocabularies: none
-    gumbel_f8 = type("G", (), {"vocab_size": 8192, "codebook": torch.zeros(8192, 4)})()
+    dvae_512 = type("V", (), {"vocab_size": 512, "blacklisted_codes": DalleDecoder.blacklisted_codes})()
+    assert code_bias(RunConfig(blacklist=True), dvae_512) is None  # other vocabularies: none
+    gumbel_f8 = type("G", (), {"vocab_size": 8192, "blacklisted_codes": VQGANDecoder.blacklisted_codes})()
     assert code_bias(RunConfig(blacklist=True), gumbel_f8) is None  # a VQGAN's 8192 codes are not the dVAE's
 
     cfg = RunConfig(latent=latent, init="randn")
@@ -383,8 +389,11 @@ class PaletteDecoder:
     def cast(self, dtype):
         return self
 
-    def describe(self):
+    def describe(self, encoder=False):
         return {"name": self.name}
+
+    def blacklisted_codes(self):
+        return dalle_blacklist(self.vocab_size)  # it stands in for OpenAI's dVAE
 
 
 def test_blacklist_in_the_loop_never_decodes_a_blacklisted_code(tiny_clip):
@@ -480,7 +489,7 @@ def test_display_mode_chooses_how_the_images_decode(mode, tiny_dvae, tiny_clip):
 def step_of(cfg, decoder, clip, seed=0):
     gens = make_generators([seed])
     latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, decoder=decoder)
-    return Step(cfg, decoder, clip, latent, encode_targets(clip, cfg.prompts, cfg, [seed]), [seed]), gens
+    return Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, cfg.prompts, cfg, [seed]), [seed]), gens
 
 
 def test_loss_scale_multiplies_the_prompt_loss_and_its_gradient(tiny_dvae, tiny_clip):
@@ -539,8 +548,11 @@ class RampDecoder:
     def cast(self, dtype):
         return self
 
-    def describe(self):
+    def describe(self, encoder=False):
         return {"name": self.name}
+
+    def blacklisted_codes(self):
+        return []
 
 
 def test_clamp_grad_lets_the_gradient_bring_out_of_range_pixels_back(tiny_clip):
@@ -549,7 +561,7 @@ def test_clamp_grad_lets_the_gradient_bring_out_of_range_pixels_back(tiny_clip):
     for clamp in (True, False):
         step, _ = step_of(cfg_of(size=16, clamp_grad=clamp), RampDecoder(), tiny_clip)
         x = codes.clone().requires_grad_()
-        pixels = step.pixels(x)
+        pixels = step.renderer.decode(x)
         assert pixels.max() == 1.0
         pixels.sum().backward()  # descent lowers the pixels: back toward the range
         grads[clamp] = x.grad
@@ -557,20 +569,20 @@ def test_clamp_grad_lets_the_gradient_bring_out_of_range_pixels_back(tiny_clip):
     # and it does not push further out: the gradient of -sum (descent raises the pixels) is cut either way
     step, _ = step_of(cfg_of(size=16, clamp_grad=True), RampDecoder(), tiny_clip)
     x = codes.clone().requires_grad_()
-    (-step.pixels(x).sum()).backward()
+    (-step.renderer.decode(x).sum()).backward()
     assert torch.all(x.grad == 0)
 
 
 def test_noise_scale_scales_laplace_pixel_noise_from_the_runs_generator(tiny_clip):
     shape = (3, 16, 16)
     step, _ = step_of(cfg_of(size=16, noise_scale=2.5), RampDecoder(), tiny_clip)
-    noise = step.noise([gen(3)], shape)
+    noise = step.renderer.noise([gen(3)], shape)
     torch.testing.assert_close(noise, 2.5 * laplace_noise(shape, gen(3), "cpu")[None])
     assert 2.0 < float(noise.abs().mean()) < 3.0  # Laplace(0, 2.5): mean |x| = 2.5
     off, _ = step_of(cfg_of(size=16), RampDecoder(), tiny_clip)
-    assert off.noise([gen(3)], shape) is None
+    assert off.renderer.noise([gen(3)], shape) is None
     codes = torch.full((1, 4, 2, 2), 0.1)  # pixels 0.6, inside the range
-    assert not torch.equal(step.pixels(codes, noise), off.pixels(codes))
+    assert not torch.equal(step.renderer.decode(codes, noise), off.renderer.decode(codes))
 
 
 def test_display_noise_samples_pixel_noise_in_snapshots_seeded_by_seed_and_step(tiny_dvae, tiny_clip):
@@ -590,8 +602,8 @@ def test_display_noise_samples_pixel_noise_in_snapshots_seeded_by_seed_and_step(
 def test_bf16_precision_casts_decoder_and_clip_and_keeps_the_latent_fp32(tiny_dvae, tiny_clip):
     fp32, gens32 = step_of(cfg_of(latent="softmax"), tiny_dvae, tiny_clip)
     bf16, gens16 = step_of(cfg_of(latent="softmax", precision="bf16"), tiny_dvae, tiny_clip)
-    assert fp32.decoder.dtype == torch.float32 and fp32.clip.dtype == torch.float32
-    assert bf16.decoder.dtype == torch.bfloat16 and bf16.clip.dtype == torch.bfloat16
+    assert fp32.renderer.decoder.dtype == torch.float32 and fp32.objective.guide.clip.dtype == torch.float32
+    assert bf16.renderer.decoder.dtype == torch.bfloat16 and bf16.objective.guide.clip.dtype == torch.bfloat16
     a, _ = fp32.forward(gens32, 0, backward=True)
     b, _ = bf16.forward(gens16, 0, backward=True)
     assert a.dtype == b.dtype == torch.float32 and bf16.latent.param.grad.dtype == torch.float32

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from clipguide import OutputFilter
-from clipguide import output_filter as OF
+from clipguide.audit import output_filter as OF
 from clipguide.cli import main
 from clipguide.errors import ConfigError
-from clipguide.snapshots import read_png_text, to_pil
+from clipguide.records.files import read_png_text, to_pil
 
 
 @pytest.fixture(scope="module")

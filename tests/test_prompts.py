@@ -14,10 +14,7 @@ from PIL import Image
 
 from clipguide import RunConfig, optimise
 from clipguide.errors import ConfigError
-from clipguide.prompts import (
-    KINDS, Prompt, PromptError, Target, canonical, check_prompt, encode_targets, image_embeddings, image_prompt_seed,
-    noise_embedding, parse_prompt, parse_targets, phrase_index,
-)
+from clipguide.engine.prompts import KINDS, Prompt, PromptError, Target, canonical, check_prompt, encode_targets, image_embeddings, image_prompt_seed, noise_embedding, parse_prompt, parse_targets, phrase_index
 
 SMALL = dict(size=32, cutn=3, decoder="test", clip="test", steps=3)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,9 +237,9 @@ def red_png(tmp_path):
 
 
 def test_image_prompt_is_cutn_cutout_rows_weighing_w(tiny_clip, red_png):
-    from clipguide.cutouts import make_cutouts
-    from clipguide.images import load_image, pil_to_tensor, resize_to_area
-    from clipguide.losses import spherical_loss
+    from clipguide.engine.cutouts import make_cutouts
+    from clipguide.records.images import load_image, pil_to_tensor, resize_to_area
+    from clipguide.engine.losses import spherical_loss
 
     cfg = RunConfig(cutn=5, size=32)
     t = encode_targets(tiny_clip, [f"a red square | {red_png}:0.5"], cfg, [7])
@@ -353,9 +350,9 @@ def test_url_image_prompts_and_unreadable_urls(tiny_clip, http_server):
 
 
 def test_dvae_init_image_starts_from_the_encoders_logits_and_pull_is_toward_it(tiny_model_files, tiny_dvae, tiny_clip, red_png):
-    from clipguide.decoders import load_decoder
-    from clipguide.latents import make_latent
-    from clipguide.optimise import make_generators
+    from clipguide.models.decoders import load_decoder
+    from clipguide.engine.latents import make_latent
+    from clipguide.engine.state import make_generators
 
     decoder = load_decoder(str(tiny_model_files[0]))
     cfg = RunConfig(init_image=str(red_png), init_weight=2.0, **SMALL)
@@ -372,11 +369,12 @@ def test_dvae_init_image_starts_from_the_encoders_logits_and_pull_is_toward_it(t
 
 
 def test_zquantize_init_image_starts_from_the_vqgans_encoding(red_png):
-    from clipguide.latents import make_latent
-    from clipguide.optimise import make_generators
+    from clipguide.engine.latents import make_latent
+    from clipguide.engine.state import make_generators
 
-    class StubVQGAN:  # the interface ZQuantize uses: codebook, downsample, encode(images) -> z
-        codebook, downsample = torch.linspace(-1, 1, 16 * 4).view(16, 4), 8
+    class StubVQGAN:  # a CodebookDecoder (clipguide.engine.interfaces); ZQuantize uses codebook and encode
+        codebook, downsample, vocab_size, name, sha256 = torch.linspace(-1, 1, 16 * 4).view(16, 4), 8, 16, "stub", None
+        decode = decode_z = cast = describe = blacklisted_codes = print  # declared, never called here
 
         def encode(self, images):
             return images.mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 4, images.shape[2] // 8, images.shape[3] // 8)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from clipguide import get_preset, optimise
 from clipguide.errors import ConfigError
-from clipguide.latents import make_latent
-from clipguide.optimise import make_generators
+from clipguide.engine.latents import make_latent
+from clipguide.engine.state import make_generators
 
 GRID, VOCAB = (4, 6), 5
 

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import clipguide
+from clipguide.models import loading
 from clipguide import CheckpointError, ConfigError, NonFiniteError, WeightsError, get_preset, optimise
-from clipguide.checkpoint import FILENAME, Checkpointer, read_checkpoint, write_checkpoint
+from clipguide.records.checkpoints import FILENAME, read_checkpoint, write_checkpoint
+from clipguide.run.checkpoints import Checkpointer
 from clipguide.cli import main
-from clipguide.optimise import deferred_interrupt
-from clipguide.snapshots import read_manifest
+from clipguide.engine.loop import deferred_interrupt
+from clipguide.records.manifest import read_manifest
 
 SMALL = dict(size=32, cutn=3, decoder="t", clip="t")
 
@@ -403,12 +405,12 @@ def test_resume_refuses_changed_models_inputs_and_mismatched_files(model_flags, 
         name = next(iter(tensors))
         tensors[name] = tensors[name] + 1
         weights.write_bytes(save(tensors))
-        clipguide.generation.cached_decoder.cache_clear()
+        loading.cached_decoder.cache_clear()
         with pytest.raises(WeightsError, match="models differ"):
             clipguide.resume(run)
     finally:
         weights.write_bytes(saved)
-        clipguide.generation.cached_decoder.cache_clear()
+        loading.cached_decoder.cache_clear()
 
 
 def test_cli_resume_errors_are_one_line(capsys, model_flags, tmp_path):
@@ -552,9 +554,11 @@ def test_checkpointer_finish_writes_the_interrupted_step_once(tiny_dvae, tiny_cl
 
 def elsewhere(monkeypatch, **changes):
     """Make the resuming process report another environment than the one the run recorded."""
-    from clipguide import checkpoint, snapshots
+    from clipguide.records import manifest
+    from clipguide.run import checkpoints, resume
 
-    monkeypatch.setattr(checkpoint, "environment", lambda: {**snapshots.environment(), **changes})
+    for module in (resume, checkpoints):  # what the resume compares and what its checkpoints record
+        monkeypatch.setattr(module, "environment", lambda: {**manifest.environment(), **changes})
 
 
 def test_resuming_in_another_environment_warns_naming_what_differs(model_flags, tmp_path, monkeypatch):

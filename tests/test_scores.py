@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clipguide import clip_frechet_distance, clip_score
-from clipguide import scores as SC
-from clipguide.classification import image_features
+from clipguide.audit import scores as SC
+from clipguide.audit.classification import image_features
 from clipguide.cli import main
 from clipguide.errors import ConfigError
 
@@ -76,7 +76,7 @@ def test_score_cli_reports_and_records(shapes_models, render_scenes, write_run, 
     run_dir, _ = write_run(images, [RED_CIRCLE, "a red circle", "red"])
     ref = tmp_path / "ref"
     ref.mkdir()
-    from clipguide.snapshots import to_pil
+    from clipguide.records.files import to_pil
 
     for i, x in enumerate(render_scenes(4, seed=18)[0]):
         to_pil(x).save(ref / f"{i}.png")

@@ -165,19 +165,19 @@ def test_judge_accepts_triangles_with_rounded_corners(size, monkeypatch):
 
 
 def test_near_miss_scenes_spoil_only_the_shape():
-    imgs, scenes = S.render_near_miss(30, seed=4)
-    again, scenes2 = S.render_near_miss(30, seed=4)
+    imgs, scenes = J.render_near_miss(30, seed=4)
+    again, scenes2 = J.render_near_miss(30, seed=4)
     assert imgs.shape == (30, 128, 128, 3) and np.array_equal(imgs, again) and scenes == scenes2
     for img, sc in zip(imgs, scenes):
         assert not J.judge(img).all_match(*sc.attributes)
         colours = {tuple(int(v) for v in c) for c in np.unique(img.reshape(-1, 3), axis=0)}
         assert colours == {S.COLOURS[sc.colour], S.COLOURS[sc.background]}  # the scene's colours, nothing else
     for kind in S.NEAR_MISS_KINDS:  # each kind draws (the judge may read a few draws; those are redrawn)
-        assert len(S.render_near_miss(3, seed=1, kinds=(kind,))[1]) == 3
+        assert len(J.render_near_miss(3, seed=1, kinds=(kind,))[1]) == 3
     with pytest.raises(ConfigError, match="near-miss kind 'melt'"):
-        S.render_near_miss(2, kinds=("wobble", "melt"))
+        J.render_near_miss(2, kinds=("wobble", "melt"))
     with pytest.raises(ConfigError, match="no near-miss kinds"):
-        S.render_near_miss(2, kinds=())
+        J.render_near_miss(2, kinds=())
 
 
 # ----------------------------------------------------------------------------- shipped models
@@ -293,51 +293,6 @@ def test_train_smoke(tmp_path):
     assert (tmp_path / "shapes-dvae.safetensors").exists() and (tmp_path / "MODEL_CARD.md").exists()
 
 
-def test_clipgen_stage_trains_the_clip_against_the_generation_loop(tmp_path):
-    """The experimental clipgen stage runs the default preset guided by the CLIP it trains and
-    rewrites the CLIP with its record (2 steps on copies of the shipped models)."""
-    import json
-    import shutil
-
-    from clipguide.decoders import PACKAGE_DIR
-    from clipguide.shapes import train as T
-
-    for name in ("shapes-clip.json", "shapes-clip.safetensors", "shapes-dvae.json", "shapes-dvae.safetensors"):
-        shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
-    before = (tmp_path / "shapes-clip.safetensors").read_bytes()
-    assert T.main(["--out", str(tmp_path), "--only", "clipgen", "--steps", "2"]) == 0
-    meta = json.loads((tmp_path / "shapes-clip.json").read_text())
-    assert meta["finetune_generation"]["steps"] == 2 and meta["finetune_generation"]["rounds_of"] == 2
-    assert meta["metrics"]["before_generation_finetune"] is not None
-    assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
-    assert "stage 3 (clipgen" in (tmp_path / "MODEL_CARD.md").read_text()
-
-
-def test_cliploop_stage_trains_the_robust_clip_on_whole_default_runs_of_unevaluated_tuning_prompts(tmp_path):
-    """The experimental cliploop stage: the default preset's runs guided by the CLIP it trains, trained on from a
-    given step with the attack, frame-cut negatives and replay; its prompts are tuning prompts the ablations and the
-    held-out benchmark never evaluate (a short run on copies of the shipped models)."""
-    import json
-    import shutil
-
-    from clipguide.decoders import PACKAGE_DIR
-    from clipguide.shapes import train as T
-    from clipguide.shapes.quality import prompt_split
-
-    tune, held = prompt_split()
-    assert not {p for p, _ in T.unevaluated_tuning_prompts()} & {p for p, _ in held + tune[:32]} and len(T.unevaluated_tuning_prompts()) == 52
-    for name in ("shapes-clip.json", "shapes-clip.safetensors", "shapes-dvae.json", "shapes-dvae.safetensors"):
-        shutil.copy(PACKAGE_DIR / "shapes" / "models" / name, tmp_path / name)
-    before = (tmp_path / "shapes-clip.safetensors").read_bytes()
-    meta = T.finetune_clip_loop(tmp_path, steps=3, rounds_of=3, from_step=2, frame_cut=2, replay=2)
-    ft = meta["finetune_loop"]
-    assert ft["steps"] == 3 and ft["from_step"] == 2 and ft["eps"] == 0.5 and ft["rounds_of"] == 3
-    assert json.loads((tmp_path / "shapes-clip.json").read_text())["finetune_loop"]["replay"] == 2
-    assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
-    T.write_model_card(tmp_path)
-    assert "stage 5 (cliploop" in (tmp_path / "MODEL_CARD.md").read_text()
-
-
 def test_frame_cut_scenes_cross_the_frame_and_the_judge_sees_no_shape():
     from clipguide.shapes import judge as J
     from clipguide.shapes.scenes import render_frame_cut
@@ -352,22 +307,21 @@ def test_frame_cut_scenes_cross_the_frame_and_the_judge_sees_no_shape():
         assert J.judge(img).shape is None
 
 
-@pytest.mark.parametrize("stage, name, n", [("clipframe", "frame", 3), ("cliprobust", "robust", 4), ("clipnear", "near", 5)])
-def test_clip_negative_stages_fine_tune_the_clip(tmp_path, stage, name, n, monkeypatch):
-    """The clipframe and cliprobust stages (the last two of the shipped run) and the experimental clipnear stage
-    rewrite the CLIP with their record (2 steps on a copy of the shipped CLIP)."""
+@pytest.mark.parametrize("stage, name, n", [("clipframe", "frame", 3), ("cliprobust", "robust", 4)])
+def test_clip_negative_stages_fine_tune_the_clip(tmp_path, stage, name, n):
+    """The clipframe and cliprobust stages (the last two of the shipped run) rewrite the CLIP with their record
+    (2 steps on a copy of the shipped CLIP)."""
     import json
     import shutil
 
-    from clipguide.decoders import PACKAGE_DIR
-    from clipguide.shapes import train as T
+    from clipguide.paths import PACKAGE_DIR
+    from clipguide.shapes import training as T
 
     for f in ("shapes-clip.json", "shapes-clip.safetensors"):
         shutil.copy(PACKAGE_DIR / "shapes" / "models" / f, tmp_path / f)
     before = (tmp_path / "shapes-clip.safetensors").read_bytes()
-    monkeypatch.setattr(T, "ROBUSTNESS_STEPS", 2)
-    monkeypatch.setattr(T, "ROBUST_POLISH_STEPS", 3)
-    assert T.main(["--out", str(tmp_path), "--only", stage, "--steps", "2"]) == 0
+    T.train_shapes(tmp_path, only=(stage,), steps={stage: 2},
+                   options={"cliprobust": {"robustness_steps": 2, "polish_steps": 3}})
     meta = json.loads((tmp_path / "shapes-clip.json").read_text())
     assert meta[f"finetune_{name}"]["steps"] == 2 and meta["metrics"][f"before_{name}_finetune"] is not None
     assert (tmp_path / "shapes-clip.safetensors").read_bytes() != before
@@ -380,11 +334,22 @@ def test_clip_negative_stages_fine_tune_the_clip(tmp_path, stage, name, n, monke
         assert "the pixel robustness line is from stage 4" in card and "stage 4 (cliprobust, clean polish" in card
 
 
+def test_train_shapes_knows_only_the_shipped_stages(tmp_path):
+    """The experimental stages (clipgen, clipnear, cliploop) are gone: asking for one is a one-line refusal."""
+    from clipguide.shapes import training as T
+
+    assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust")
+    for stage in ("clipgen", "clipnear", "cliploop"):
+        with pytest.raises(ConfigError, match=f"unknown model kind.s. {stage}: use --only"):
+            T.train_shapes(tmp_path, only=(stage,))
+    assert not list(tmp_path.iterdir())
+
+
 def _canonical_batch(n: int, seed: int):
     """Scenes, their canonical captions' tokens, their 64 px images and soft targets (the CLIP stages' batch)."""
     import torch
 
-    from clipguide.shapes import train as T
+    from clipguide.shapes.training import clip as T
 
     cap_index, cap_tokens = T._caption_tokens()
     scenes = S.sample_scenes(n, seed)
@@ -399,7 +364,7 @@ def test_shipped_clip_resists_small_pixel_attacks():
     stage kept 4 of 96 (0.04), the shipped one 20 of 96."""
     import torch
 
-    from clipguide.shapes import train as T
+    from clipguide.shapes.training import clip as T
 
     model, _ = T.load_clip_from(MODELS)
     scenes, text, x, targets = _canonical_batch(96, 777)
@@ -421,7 +386,7 @@ def test_l2_adversary_stays_in_its_ball_and_raises_the_loss(steps):
     stay in [0, 1], raise the image-side loss they ascend, and are seeded by the generator."""
     import torch
 
-    from clipguide.shapes import train as T
+    from clipguide.shapes.training import clip as T
 
     model, _ = T.load_clip_from(MODELS)
     _, text, x, targets = _canonical_batch(12, 5)
@@ -461,7 +426,7 @@ def test_shape_failures_count_the_judges_reasons():
 def test_rejudge_remeasures_the_decoders_and_keeps_the_first_figures(tmp_path, monkeypatch):
     import shutil
 
-    from clipguide.shapes import train as T
+    from clipguide.shapes import training as T
 
     for f in ("shapes-dvae.json", "shapes-dvae.safetensors"):
         shutil.copy(MODELS / f, tmp_path / f)

@@ -54,7 +54,7 @@ def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path
 
 def test_an_ensemble_of_one_clip_with_itself_guides_like_that_clip(shapes_models):
     """The ensemble's score is the mean of its members' cosines: twice the same CLIP is that CLIP."""
-    from clipguide.clip import load_clip
+    from clipguide.models.clip import load_clip
 
     cfg = get_preset("shapes").replace(prompts=("a red circle on a blue background",), steps=4)
     decoder, single = shapes_models

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clipguide import ConfigError, RunConfig, Snapshotter, get_preset, optimise
-from clipguide.snapshots import read_png_text
+from clipguide.records.files import read_png_text
 
 def run_to(out, tiny_dvae, tiny_clip, **kw):
     cfg = get_preset("shapes").replace(**{"prompts": ("a red circle",), "size": 32, "cutn": 2, "steps": 4,
@@ -106,7 +106,7 @@ def test_generate_one_call(tmp_path, tiny_model_files):
 def test_row_labels_name_run_seed_and_prompt_and_fit_the_width():
     from PIL import Image, ImageDraw, ImageFont
 
-    from clipguide.snapshots import fit_text, row_labels
+    from clipguide.run.snapshots import fit_text, row_labels
 
     assert row_labels([("a red circle on a blue background", 0), ("two\nlines  here", 3)]) == [
         "run 0 · seed 0 · a red circle on a blue background", "run 1 · seed 3 · two lines here"]
@@ -126,7 +126,7 @@ def test_contact_sheet_labels_each_row_above_its_step_labels():
     from PIL import Image
     import numpy as np
 
-    from clipguide.snapshots import contact_sheet, row_labels
+    from clipguide.run.snapshots import contact_sheet, row_labels
 
     images = {step: [Image.new("RGB", (48, 48), c) for c in ("red", "blue")] for step in (0, 10, 300)}
     assert contact_sheet(images).size == (3 * 48, 2 * (14 + 48))  # without row labels: as before

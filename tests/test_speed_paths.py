@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from clipguide import get_preset, optimise
-from clipguide.clip import PatchEmbedding, custom_attention
-from clipguide.cutouts import crop_resize
+from clipguide.models.clip import PatchEmbedding, custom_attention
+from clipguide.engine.cutouts import crop_resize
 from clipguide.errors import ConfigError
 from reference import per_crop  # the notebooks' per-cutout loop with Crowson's resample, written out
 
@@ -93,7 +93,7 @@ def test_bf16_runs_are_reproducible_and_follow_fp32(shapes_models):
 
 
 def test_bf16_models_are_loaded_lean_and_apart_from_fp32():
-    from clipguide.generation import load_models
+    from clipguide.models.loading import load_models
 
     cfg = get_preset("shapes").replace(prompts=("a red circle on a blue background",), precision="bf16")
     decoder, clip = load_models(cfg)

@@ -14,14 +14,15 @@ import torch
 
 from clipguide import get_preset, optimise
 from clipguide.cli import main
-from clipguide.decoders import load_decoder, taming_cache_paths
-from clipguide.decoders.vqgan import VQGANDecoder, write_json
+from clipguide.models.decoders import load_decoder, taming_cache_paths
+from clipguide.models.vqgan import VQGANDecoder, write_json
 from clipguide.errors import ConfigError, UnsafePickleError, WeightsError
-from clipguide.generation import load_models
-from clipguide.latents import make_latent
-from clipguide.optimise import grid_of, make_generators
+from clipguide.models.loading import load_models
+from clipguide.engine.latents import make_latent
+from clipguide.engine.loop import grid_of
+from clipguide.engine.state import make_generators
 from clipguide.testing import VQGAN_F16_16384, random_vqgan
-from clipguide.weights import sha256_file
+from clipguide.models.weights import sha256_file
 
 torch.set_num_threads(1)
 

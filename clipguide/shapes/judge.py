@@ -17,6 +17,8 @@
   the amount a corner radius up to ``ROUNDING`` of the side removes, and the best IoU counts.
 
 An attribute that cannot be read is ``None``.
+
+``render_near_miss`` draws hard negatives for the scenes: near misses of a scene that the judge rejects.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .scenes import COLOUR_NAMES, PALETTE
+from .scenes import COLOUR_NAMES, NEAR_MISS_KINDS, PALETTE, Scene, near_miss_draws
 
 COLOUR_TOL = 90.0  # max RGB distance to the nearest palette colour
 BORDER = 2  # border width (pixels) used for the background
@@ -225,3 +227,17 @@ def accuracy(verdicts: Sequence[Verdict], targets: Sequence[Sequence[str | None]
             acc[k] += m[k]
         acc["all"] += all(m.values())
     return {k: v / n for k, v in acc.items()}
+
+
+def render_near_miss(n: int, seed: int | np.random.Generator | None = 0, size: int = 128,
+                     kinds: Sequence[str] = NEAR_MISS_KINDS) -> tuple[np.ndarray, list[Scene]]:
+    """``n`` scenes whose shape is spoilt by one of ``kinds`` (uint8 [n, size, size, 3]) and the scenes they
+    spoil: hard negatives that keep the colours and the layout and miss only the shape
+    (:func:`~clipguide.shapes.scenes.near_miss_draws`). A draw that the pixel judge still reads as its scene
+    is drawn again, so none of them is a genuine match."""
+    draws = near_miss_draws(seed, size, kinds)
+    out, scenes = np.empty((int(n), size, size, 3), np.uint8), []
+    for img in out:
+        img[:], scene = next((im, sc) for im, sc in draws if not judge(im).all_match(*sc.attributes))
+        scenes.append(scene)
+    return out, scenes

@@ -11,7 +11,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from ..engine.cutouts import make_cutouts
+from ..engine.loop import optimise
+from ..engine.losses import cosine_similarities
+from ..engine.objective import Objective, PixelObjective
 from . import judge as judge_mod
 from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
@@ -58,11 +63,6 @@ def view_scores(cfg, clip, images, text_embed, draws: int = 4, seed: int = 0):
     """The loop's objective for each image of [N, 3, H, W]: its mean cosine with ``text_embed`` [D] over ``draws``
     sets of the loop's own cutouts (``cfg``'s cutout law and augmentations) -> [N].  Every image gets its own
     generator seeded with ``seed``, so all of them are seen through the same views and their scores compare."""
-    import torch
-
-    from ..cutouts import make_cutouts
-    from ..losses import cosine_similarities
-
     images = images.to(clip.device)
     gens = [torch.Generator().manual_seed(seed) for _ in images]
     with torch.no_grad():
@@ -99,29 +99,10 @@ def fit_renders(cfg, decoder, pairs, seed: int = 7000) -> dict:
 
     A high rate says the parametrisation and the step budget can draw the scenes, so the CLIP-guided loop's misses
     come from its objective (what the CLIP rewards), not from the space it searches."""
-    import torch
-
-    from ..latents import make_latent
-    from ..optimise import code_bias, decode_latent, grid_of, lr_at, make_generators, make_optimiser
-
-    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1).resolved()
+    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs), batch=1, clamp_grad=False).resolved()
     truth = [sample_scenes(1, seed + k, colour=c, shape=s, background=b)[0] for k, (_, (c, s, b)) in enumerate(pairs)]
     target = to_tensor(render(truth, cfg.size)).to(cfg.device)
-    gens = make_generators(s for _, s in cfg.runs())
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
-    latent = latent.to(cfg.device)
-    opt = make_optimiser(cfg, [latent.param])
-    for k in range(cfg.steps):
-        latent.step = k
-        loss = (decode_latent(decoder, latent, latent.relax(gens)).clamp(0, 1) - target).pow(2).flatten(1).mean(1).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, k)
-        opt.step()
-        latent.end_step()
-    with torch.no_grad(), latent.averaged():
-        images = decode_latent(decoder, latent, latent.display(cfg.display)).clamp(0, 1).float().cpu()
+    images = optimise(cfg, decoder, None, objective=Objective(PixelObjective(target))).images
     verdicts = judge_mod.judge_batch(images)
     targets = [t for _, t in pairs]
     return {**{f"match_{k}": v for k, v in judge_mod.accuracy(verdicts, targets).items()},
@@ -133,8 +114,6 @@ def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
     ``cfg.batch``) minus the same score of :func:`fit_renders`' image of that prompt, a clean scene the decoder
     can draw.  At or above zero on a missed prompt, the CLIP rates the miss at least as high as a drawable
     scene of the prompt: its objective does not prefer what the judge wants."""
-    import torch
-
     gaps = []
     for k, (text, _) in enumerate(pairs):
         embed = clip.encode_text([text])[0]
@@ -146,8 +125,6 @@ def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
 
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
-    from ..optimise import optimise
-
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs))
     targets = [t for _, t in pairs for _ in range(cfg.batch)]
     tracker = JudgeEvery(targets, judge_every)

@@ -7,8 +7,8 @@ Public API
 ----------
 COLOURS, SHAPES, BACKGROUNDS, TEMPLATES, CANONICAL_TEMPLATE, NEUTRAL_CAPTIONS
 Scene, sample_scenes, render, to_tensor, caption, canonical_caption,
-parse_caption, attributes_of_prompt, canonical_prompts, render_distractors, render_frame_cut, render_near_miss,
-NEAR_MISS_KINDS,
+parse_caption, attributes_of_prompt, canonical_prompts, render_distractors, render_frame_cut, near_miss_draws,
+NEAR_MISS_KINDS (only those near misses the pixel judge rejects: :func:`clipguide.shapes.judge.render_near_miss`),
 DISTRACTOR_KINDS
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -359,25 +359,22 @@ def _near_miss_mask(kind: str, scene: Scene, g: np.random.Generator, size: int) 
     raise ConfigError(f"unknown near-miss kind {kind!r}: use one of {', '.join(NEAR_MISS_KINDS)}")
 
 
-def render_near_miss(n: int, seed: int | np.random.Generator | None = 0, size: int = 128,
-                     kinds: Sequence[str] = NEAR_MISS_KINDS) -> tuple[np.ndarray, list[Scene]]:
-    """``n`` scenes whose shape is spoilt by one of ``kinds`` (uint8 [n, size, size, 3]) and the scenes they
-    spoil: hard negatives that keep the colours and the layout and miss only the shape. A draw that the
-    pixel judge still reads as its scene is drawn again, so none of them is a genuine match."""
-    from .judge import judge  # the judge imports this module
-
+def near_miss_draws(seed: int | np.random.Generator | None = 0, size: int = 128,
+                    kinds: Sequence[str] = NEAR_MISS_KINDS) -> Iterator[tuple[np.ndarray, Scene]]:
+    """An endless stream of (uint8 [size, size, 3] image, scene): a fresh scene whose shape is spoilt by one of
+    ``kinds``, keeping the colours and the layout.  Some draws may still read as their scene:
+    :func:`clipguide.shapes.judge.render_near_miss` keeps only those the pixel judge rejects."""
     bad = [k for k in kinds if k not in NEAR_MISS_KINDS]
     if bad or not kinds:
         what = f"unknown near-miss kind {bad[0]!r}" if bad else "no near-miss kinds given"
         raise ConfigError(f"{what}: use one or more of {', '.join(NEAR_MISS_KINDS)}")
-    g = _rng(seed)
-    out, scenes = np.empty((int(n), size, size, 3), np.uint8), []
-    for img in out:
-        while True:
-            scene = sample_scenes(1, rng=g)[0]
-            img[:] = COLOURS[scene.background]
-            img[_near_miss_mask(kinds[int(g.integers(len(kinds)))], scene, g, size)] = COLOURS[scene.colour]
-            if not judge(img).all_match(*scene.attributes):
-                break
-        scenes.append(scene)
-    return out, scenes
+    return _near_miss_stream(_rng(seed), size, tuple(kinds))
+
+
+def _near_miss_stream(g: np.random.Generator, size: int, kinds: tuple[str, ...]) -> Iterator[tuple[np.ndarray, Scene]]:
+    while True:
+        scene = sample_scenes(1, rng=g)[0]
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = COLOURS[scene.background]
+        img[_near_miss_mask(kinds[int(g.integers(len(kinds)))], scene, g, size)] = COLOURS[scene.colour]
+        yield img, scene

@@ -1,0 +1,3 @@
+"""Audits of generated images: zero-shot ``classification``, the ``output_filter``, ``scores``
+(CLIP score, CLIP Fréchet distance) and ``bias`` audits.
+"""

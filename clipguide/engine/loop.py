@@ -1,0 +1,277 @@
+"""The optimisation loop: one plain entry point, :func:`optimise`.
+
+CLIP-guided generation through a discrete decoder (advadnoun's Aleph2Image, Crowson's dVAE+CLIP;
+docs/methods.md §2, §5): each step the latent is rendered to pixels (:mod:`~clipguide.engine.render`)
+and judged by an objective (:mod:`~clipguide.engine.objective`; by default CLIP's loss over random
+cutouts toward the prompt), whose gradient updates the latent.  A batch holds independent runs
+(prompts x seeds); each run draws all its randomness from its own ``torch.Generator``, so the same
+seed, batch and thread count give the same image bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..errors import ConfigError, NonFiniteError
+from .devices import AUTO
+from .latents import Latent, check_latent, make_latent
+from .objective import Objective, View, prompt_objective
+from .prompts import encode_targets
+from .render import Renderer
+from .state import DTYPES, Checkpoint, Result, StepState, capture, make_generators
+
+if TYPE_CHECKING:  # the config imports the engine's tables of names
+    from ..config import RunConfig
+
+Callback = Callable[[StepState], None]
+
+
+def describe_models(decoder, clip, cfg: RunConfig | None = None) -> dict:
+    """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files).
+    With ``cfg``: a run with an init image also records a dVAE encoder kept in its own file (OpenAI's
+    encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only."""
+    clip_record = None if clip is None else {"name": clip.name, "sha256": clip.sha256, "image_size": clip.image_size}
+    return {"decoder": decoder.describe(encoder=cfg is not None and bool(cfg.init_image)), "clip": clip_record}
+
+
+def as_callbacks(callback) -> list:
+    """A callback, a sequence of them, or None -> a list (the one form every caller passes on)."""
+    if callback is None:
+        return []
+    return [callback] if callable(callback) else list(callback)
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Learning rate of update ``step`` (0-based); independent of the run length, so a
+    k-step run and the first k steps of a longer run are the same computation."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
+    return cfg.lr * cfg.lr_growth**step * warm
+
+
+def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
+    f = decoder.downsample
+    if cfg.size % f:
+        lo, hi = cfg.size // f * f, (cfg.size // f + 1) * f
+        raise ConfigError(f"--size {cfg.size} is not a multiple of the decoder's factor {f}: use {lo or f} or {hi}")
+    return cfg.size // f, cfg.size // f
+
+
+def check_fits(cfg: RunConfig, decoder) -> None:
+    """Raise ConfigError for what ``cfg`` asks of ``decoder`` that it cannot do (the size, the latent),
+    so that callers can refuse a run before they create its folder."""
+    grid_of(cfg, decoder)
+    check_latent(cfg, decoder.vocab_size, decoder)
+
+
+def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
+    """Crowson's -100 logit bias on the codes the decoder blacklists (``--blacklist``; docs/methods.md §2), or None."""
+    codes = decoder.blacklisted_codes() if cfg.blacklist else []
+    if not codes:
+        return None
+    bias = torch.zeros(decoder.vocab_size)
+    bias[codes] = -100.0
+    return bias
+
+
+OPTIMISER_CLASSES = {  # RunConfig.optimiser -> (params, cfg) -> optimiser
+    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr),  # Aleph2Image
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),  # Crowson
+}
+
+
+def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    return OPTIMISER_CLASSES[cfg.optimiser](params, cfg)
+
+
+class Step:
+    """One step of a batch of runs: the latent rendered, judged by the objective, and (with ``backward``)
+    the objective's gradient back-propagated into the latent in one pass."""
+
+    def __init__(self, renderer: Renderer, objective: Objective):
+        self.renderer, self.objective = renderer, objective
+
+    @classmethod
+    def for_prompts(cls, cfg: RunConfig, decoder, clip, latent: Latent, targets, seeds) -> "Step":
+        """The step of the default objective (:func:`~clipguide.engine.objective.prompt_objective`), with
+        the decoder and CLIP cast to ``cfg.precision`` (once per run, not per step)."""
+        dtype = DTYPES[cfg.precision]
+        return cls(Renderer(cfg, decoder.cast(dtype), latent, seeds), prompt_objective(cfg, clip.cast(dtype), targets))
+
+    @property
+    def latent(self) -> Latent:
+        return self.renderer.latent
+
+    def forward(self, gens, step: int = 0, backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-run (loss [B], similarity [B]; NaN for an objective without CLIP) at the current latent."""
+        image = self.renderer.pixels(gens, step)
+        ev = self.objective(View(image, self.latent, step, gens), backward)
+        if backward:
+            torch.autograd.backward(ev.roots, ev.grads)  # through the objective's roots and the decoder, once
+        sim = ev.similarity if ev.similarity is not None else torch.full_like(ev.loss, float("nan"))
+        return ev.loss, sim.detach()
+
+    def display(self, step: int) -> torch.Tensor:
+        return self.renderer.display(step)
+
+
+@dataclass(eq=False)
+class Loop:
+    """A batch of runs set up to optimise: what :func:`optimise` drives."""
+
+    cfg: RunConfig
+    runs: list
+    gens: list
+    step: Step
+    opt: torch.optim.Optimizer
+    models: dict
+
+    @property
+    def latent(self) -> Latent:
+        return self.step.latent
+
+
+def prepare(cfg: RunConfig, decoder, clip, objective) -> Loop:
+    """The latent, renderer, objective and optimiser of ``cfg.runs()``."""
+    runs = cfg.runs()
+    seeds = [s for _, s in runs]
+    gens = make_generators(seeds)
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
+    latent = latent.to(cfg.device)
+    if objective is None:
+        step = Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
+    else:
+        step = Step(Renderer(cfg, decoder.cast(DTYPES[cfg.precision]), latent, seeds), objective)
+    return Loop(cfg, runs, gens, step, make_optimiser(cfg, [latent.param]), describe_models(decoder, clip, cfg))
+
+
+def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = None, *,
+             resume_from: Checkpoint | None = None, objective: Objective | None = None) -> Result:
+    """Optimise ``cfg.runs()`` (prompts x seeds) together for ``cfg.steps`` steps.
+
+    ``objective`` (a callable ``(View, backward) -> Evaluation``, see :mod:`clipguide.engine.objective`)
+    replaces the default, CLIP's loss toward the prompts plus the config's extra terms; ``clip`` may
+    then be None.  ``callback`` (a callable or a sequence of them) is called with a :class:`StepState`
+    at every step 0..steps (after that many updates).  Ctrl-C stops the loop cleanly: the partial
+    :class:`Result` has ``interrupted`` set and the images of the last completed step.  Nothing is
+    written to disk.  ``resume_from`` (a :class:`Checkpoint` of this config, ``steps`` and ``snapshots``
+    aside) continues a run from its step, bit for bit; callbacks then start at that step.  A NaN or
+    infinite loss or latent raises :class:`NonFiniteError` naming the step, after the callbacks of the
+    last good step.
+    """
+    if not cfg.prompts:
+        raise ConfigError("no prompt given: pass at least one prompt")
+    if cfg.device == AUTO:  # run where the caller put the models (load_models puts them on the best device)
+        cfg = cfg.replace(device=str(getattr(clip, "device", "cpu")))
+    loop = prepare(cfg, decoder, clip, objective)
+    return drive(loop, as_callbacks(callback), resume_from)
+
+
+def drive(loop: Loop, callbacks: list, resume_from: Checkpoint | None) -> Result:
+    """Run ``loop`` from step 0 (or the checkpoint's) to ``cfg.steps``, calling ``callbacks`` at each step."""
+    cfg, latent, opt, gens, runs = loop.cfg, loop.latent, loop.opt, loop.gens, loop.runs
+    losses, sims, snaps = [], [], {}
+    if resume_from is not None:
+        resume_from.restore(cfg, latent, opt, gens)
+        losses, sims = list(resume_from.losses.unbind(0)), list(resume_from.similarities.unbind(0))
+    done = len(losses)
+    interrupted, image = False, None
+    # The generators as they are before forward `done`: with latent and optimiser after `done` updates,
+    # the resumable state (updated together with `done`, out of Ctrl-C's reach).
+    gen_states = [g.get_state() for g in gens]
+    try:
+        for k in range(done, cfg.steps + 1):
+            loss, sim = evaluate_step(loop, k)
+            losses.append(loss)
+            sims.append(sim)
+            image = _lazy(loop.step.display, k)
+            if k in cfg.snapshots:
+                snaps[k] = image()
+            checkpoint = _lazy(capture, cfg, k, latent, opt, gen_states, losses, sims, True)
+            state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, loop.models, image, checkpoint)
+            for cb in callbacks:
+                cb(state)
+            if k == cfg.steps:
+                break
+            with deferred_interrupt():  # a half-applied update could not be resumed
+                update(loop, k)
+                done = k + 1
+                gen_states = [g.get_state() for g in gens]
+    except KeyboardInterrupt:
+        interrupted = True
+    if image is None or len(losses) != done + 1:
+        image = _lazy(loop.step.display, done)
+    return Result(
+        images=image(), snapshots=snaps,
+        losses=torch.stack(losses[: done + 1]) if losses else torch.empty(0, len(runs)),
+        similarities=torch.stack(sims[: done + 1]) if sims else torch.empty(0, len(runs)),
+        config=cfg, runs=runs, steps_done=done, interrupted=interrupted, latent=latent.param.detach().cpu(),
+        models=loop.models, checkpoint=capture(cfg, done, latent, opt, gen_states, losses, sims, False),
+    )
+
+
+def evaluate_step(loop: Loop, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``k``'s per-run loss and similarity on the CPU, its gradient accumulated unless it is the last."""
+    last = k == loop.cfg.steps
+    check_finite(loop.latent.param, "latent", k, loop.runs)
+    loop.opt.zero_grad(set_to_none=True)
+    with torch.no_grad() if last else contextlib.nullcontext():
+        loss, sim = loop.step.forward(loop.gens, k, backward=not last)
+    check_finite(loss, "loss", k, loop.runs)
+    return loss.detach().cpu(), sim.cpu()
+
+
+def update(loop: Loop, k: int) -> None:
+    """Apply update ``k``: the optimiser at ``lr_at(k)``, then the latent's own end of step (EMA, annealing)."""
+    for group in loop.opt.param_groups:
+        group["lr"] = lr_at(loop.cfg, k)
+    loop.opt.step()
+    loop.latent.end_step()
+
+
+def check_finite(x: torch.Tensor, what: str, step: int, runs: list) -> None:
+    """Raise :class:`NonFiniteError` naming the runs whose ``x`` (loss [B] or latent [B, ...]) has a NaN or inf."""
+    ok = torch.isfinite(x.detach()).reshape(len(runs), -1).all(1)
+    if bool(ok.all()):
+        return
+    bad = [i for i in range(len(runs)) if not ok[i]]
+    named = ", ".join(f"{i} ({runs[i][0]!r:.60}, seed {runs[i][1]})" for i in bad[:3]) + (" ..." if len(bad) > 3 else "")
+    when = f"after update {step - 1}" if what == "latent" else "at forward"
+    raise NonFiniteError(
+        f"the {what} of run(s) {named} became NaN or infinite at step {step} ({when}): the optimisation diverged; "
+        "nothing from this step was kept: lower --lr (or --lr-growth, --loss-scale) and start the run again", step, bad)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it: the optimiser update and the
+    bookkeeping of what is done happen entirely or not at all.  Outside the main thread
+    (where signals cannot be handled) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # no Python-level handler to restore (set from C): leave SIGINT alone
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _lazy(fn, *args):
+    """A zero-argument function computing ``fn(*args)`` once."""
+    cache = []
+
+    def get():
+        if not cache:
+            cache.append(fn(*args))
+        return cache[0]
+
+    return get
