@@ -21,9 +21,9 @@ import json
 import torch
 
 from clipguide.models.decoders import DECODERS
-from clipguide.models.loading import load_models
+from clipguide.models.loading import load_models, load_prior_of
 from clipguide.presets import PRESETS, get_preset
-from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, prompt_split
+from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, judge_proposals, prompt_split
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
 SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
@@ -35,6 +35,30 @@ def shapes_models(preset: str) -> dict:
     """The shapes-world models standing in for a preset's real ones."""
     vqgan = DECODERS.get(get_preset(preset).decoder, {}).get("kind") == "vqgan"
     return {**SHAPES_MODELS, "decoder": SHAPES_VQGAN} if vqgan else SHAPES_MODELS
+
+
+def prior_rows(args, pairs, overrides) -> list[dict]:
+    """One row per stage of the prior on the shapes default: its samples, the best of --candidates by CLIP
+    (rerank), that start refined by the loop (300 steps), with the prior term, and the term alone."""
+    base = get_preset("shapes").replace(steps=args.steps, batch=args.seeds, snapshots=(), **overrides)
+    decoder, clip = load_models(base)
+    prior = load_prior_of(base.replace(prior=args.prior, prior_candidates=1))
+    n, w = args.candidates, args.prior_weight
+    s = args.prior_scale
+    stages = [("prior sample", dict(prior_candidates=1), False), (f"rerank {n}", dict(prior_candidates=n), False),
+              (f"rerank {n} + refine", dict(prior_candidates=n, init_scale=s), True),
+              (f"rerank {n} + refine + term {w}", dict(prior_candidates=n, init_scale=s, prior_weight=w), True),
+              (f"refine + term {w}", dict(prior_weight=w), True)]
+    rows = []
+    for name, fields, refine in stages:
+        cfg = base.replace(prior=args.prior, **fields)
+        m = evaluate(cfg, decoder, clip, pairs, prior=prior) if refine else judge_proposals(cfg, decoder, clip, prior, pairs)
+        first = f"{m['median_steps_to_match']:.0f}" if m.get("median_steps_to_match") is not None else "-"
+        sim = f"{m['clip_similarity']:7.3f}" if "clip_similarity" in m else f"{'-':>7s}"
+        print(f"{name:20s} {m['match_colour']:7.3f} {m['match_shape']:7.3f} {m['match_background']:7.3f} "
+              f"{m['match_all']:7.3f} {sim} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
+        rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts", "images")}})
+    return rows
 
 
 def main(argv=None):
@@ -49,6 +73,12 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field (JSON value)")
     p.add_argument("--fit", action="store_true", help="also fit each recipe's latent to true renders by pixel MSE (no CLIP)")
     p.add_argument("--json", help="also write the table to this file")
+    p.add_argument("--prior-stages", action="store_true",
+                   help="first, one row per stage of the token prior (samples, rerank, + refinement, + its term)")
+    p.add_argument("--prior", default="shapes-prior", help="the prior of --prior-stages")
+    p.add_argument("--candidates", type=int, default=64, help="candidates per run for the rerank stages")
+    p.add_argument("--prior-weight", type=float, default=0.1, help="the prior term's weight in its stages")
+    p.add_argument("--prior-scale", type=float, default=8.0, help="--init-scale of the rerank stages: the chosen codes' logit")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tune, held = prompt_split()
@@ -57,6 +87,8 @@ def main(argv=None):
     rows = []
     print(f"{len(pairs)} {args.split} prompts x {args.seeds} seeds, {args.steps} steps, {torch.get_num_threads()} threads")
     print(f"{'preset':20s} {'colour':>7s} {'shape':>7s} {'bg':>7s} {'all':>7s} {'sim':>7s} {'steps1st':>8s} {'s/prompt':>8s}")
+    if args.prior_stages:
+        rows += prior_rows(args, pairs, overrides)
     for name in args.presets.split(","):
         # --set wins over the shapes-world models, so a local checkpoint can stand in (--set 'clip="DIR/x.json"')
         cfg = get_preset(name).replace(**{**shapes_models(name), "steps": args.steps, "batch": args.seeds, "snapshots": (),

@@ -21,7 +21,7 @@ _EXPORTS = {
     "PromptError": "engine.prompts", "parse_prompt": "engine.prompts",
     "ReplayReport": "run.replay", "replay": "run.replay",
     "Snapshotter": "run.snapshots", "run_session": "run.session", "describe_models": "engine.loop",
-    "load_clip": "models.clip", "load_decoder": "models.decoders",
+    "load_clip": "models.clip", "load_decoder": "models.decoders", "load_prior": "models.priors",
     "Classification": "audit.classification", "classify": "audit.classification", "OutputFilter": "audit.output_filter",
     "BiasAudit": "audit.bias", "audit_bias": "audit.bias", "clip_frechet_distance": "audit.scores", "clip_score": "audit.scores",
 }

@@ -31,7 +31,7 @@ from .errors import (
     NonFiniteError,
     one_line,
 )
-from .models.loading import load_models
+from .models.loading import load_models, load_prior_of
 from .presets import DEFAULT_PRESET, get_preset
 from .records.checkpoints import FILENAME, read_checkpoint
 from .records.files import save_json
@@ -223,7 +223,8 @@ def run_generation(args, prompts: list[str]) -> int:
     for p in cfg.prompts:  # unreadable images fail now, before models are loaded
         run_parents(p, cfg.init_image)
     decoder, clip = load_models(cfg)
-    check_fits(cfg, decoder)
+    prior = load_prior_of(cfg)
+    check_fits(cfg, decoder, prior)
     audit = audit_options(args, cfg)
     for note in (vocabulary_note(cfg), thread_note(cfg.device)):
         if note:
@@ -231,7 +232,7 @@ def run_generation(args, prompts: list[str]) -> int:
     print(f"clipguide: preset {args.preset}; decoder {decoder.name}, CLIP {clip.name}; {len(cfg.runs())} run(s) x "
           f"{cfg.steps} steps on {cfg.device}, {torch.get_num_threads()} thread(s) -> {out}", file=sys.stderr)
     def loop(callbacks):
-        return run_session(cfg, out, models=(decoder, clip), preset=args.preset, callback=callbacks,
+        return run_session(cfg, out, models=(decoder, clip), prior=prior, preset=args.preset, callback=callbacks,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, **audit)
 
     return report_run(loop, out, cfg.steps, args.quiet)

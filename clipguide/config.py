@@ -41,6 +41,7 @@ GROUPS = {
     "output": "output: run length, seeds, image size and snapshots",
     "optimisation": "optimisation: loss and optimiser",
     "latent": "latent: parametrisation and relaxation of the decoder's codes",
+    "prior": "prior: a model of the decoder's codes proposes the start and keeps the codes likely",
     "cutouts": "cutouts: the crops CLIP sees each step",
     "speed": "speed and memory",
     "audit": "audit: output filter and scores",
@@ -89,6 +90,13 @@ class RunConfig:
     temperature_decay: float = _f("latent", 1.0, "the inverse temperature is divided by this after every step")
     temperature_floor: float = _f("latent", 0.0, "lower bound of the decayed inverse temperature")
     blacklist: bool = _f("latent", False, "bias the OpenAI dVAE's blacklisted codes by -100 (Crowson)")
+    # a token prior: a model of the decoder's code grids, which never sees the text
+    prior: str = _f("prior", "", "token prior: shapes-prior, a prior .json or a taming Net2Net CONFIG.yaml[:CHECKPOINT.ckpt] "
+                    "(empty: none)")
+    prior_candidates: int = _f("prior", 0, "code grids drawn from the prior per run; the run starts from the one CLIP rates "
+                               "best over its views, as --init-scale times its one-hot codes (0: off)")
+    prior_weight: float = _f("prior", 0.0, "weight of the prior's negative log-likelihood of the relaxed codes, in nats per "
+                             "code, added to the loss (0: off)")
     # decoding
     noise_scale: float = _f("latent", 0.0, "Laplace pixel noise of the dVAE's output distribution while training (Crowson: 1)")
     display_noise: bool = _f("output", False, "also sample the pixel noise in snapshots (Crowson's sample_outputs)")
@@ -129,6 +137,20 @@ class RunConfig:
         self.pyramid = tuple(int(k) for k in self.pyramid)
         self.cut_range = tuple(float(c) for c in self.cut_range)
         self.validate()
+
+    def check_prior(self) -> None:
+        """The prior's fields go together: a prior with something to do, on a code-weight latent."""
+        if self.prior_candidates < 0 or self.prior_weight < 0:
+            raise ConfigError(f"--prior-candidates and --prior-weight must be 0 (off) or more, got "
+                              f"{self.prior_candidates} and {self.prior_weight}")
+        uses = bool(self.prior_candidates or self.prior_weight)
+        if uses != bool(self.prior):
+            raise ConfigError("--prior-candidates and --prior-weight need --prior (e.g. --prior shapes-prior)" if uses else
+                              f"--prior {self.prior} does nothing alone: add --prior-candidates N and/or --prior-weight W")
+        if self.prior and self.latent == "zquantize":
+            raise ConfigError("--prior models code grids: use it with a code latent (categorical, softmax, ...), not zquantize")
+        if self.prior_candidates and self.init_image:
+            raise ConfigError("--prior-candidates and --init-image both choose where a run starts: drop one")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what would be valid."""
@@ -173,6 +195,7 @@ class RunConfig:
         for p in self.prompts:
             if isinstance(p, str) and not p.strip():  # check_prompt names a prompt that is not text
                 raise ConfigError("empty prompt: give some text, e.g. clipguide generate \"a red circle on a blue background\"")
+        self.check_prior()
         if self.story_every < 0:
             raise ConfigError(f"--story-every must be 0 or a positive number of steps, got {self.story_every}")
         if not self.init_weight >= 0:

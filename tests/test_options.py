@@ -701,6 +701,9 @@ CHECKED_ELSEWHERE = {
     "cut_clamp": "test_faithful.py::test_crowson_cutouts_are_clamped_as_makecutouts",
     "cut_roll": "test_loop.py::test_cut_roll_cuts_the_image_shifted_round_by_a_seeded_amount",
     "lr": "test_loop.py::test_lr_growth_and_temperature_decay",
+    "prior": "test_prior.py::test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit",
+    "prior_candidates": "test_prior.py::test_the_run_starts_from_the_candidate_clip_rates_best",
+    "prior_weight": "test_prior.py::test_the_prior_term_adds_its_nll_to_the_loss",
 }
 
 # fields whose effect a test in this file checks: field -> test

@@ -334,11 +334,28 @@ def test_clip_negative_stages_fine_tune_the_clip(tmp_path, stage, name, n):
         assert "the pixel robustness line is from stage 4" in card and "stage 4 (cliprobust, clean polish" in card
 
 
+def test_prior_stage_trains_on_the_dvaes_codes_and_writes_a_loadable_prior(tmp_path):
+    import shutil
+
+    from clipguide.models.priors import load_prior
+    from clipguide.paths import SHAPES_MODELS
+    from clipguide.shapes import training as T
+
+    for suffix in ("json", "safetensors"):
+        shutil.copy(SHAPES_MODELS / f"shapes-dvae.{suffix}", tmp_path)
+    meta = T.run_stage("prior", tmp_path, steps=2, train_scenes=16, held_out=4, eval_samples=2)
+    assert meta["kind"] == "token_gpt" and meta["judge_on_samples"]["samples"] == 2 and meta["held_out_bits_per_code"] > 0
+    prior = load_prior(str(tmp_path / "shapes-prior.json"))
+    assert prior.grid == (16, 16) and prior.vocab_size == 512
+    T.write_model_card(tmp_path)
+    assert "## shapes-prior" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
 def test_train_shapes_knows_only_the_shipped_stages(tmp_path):
     """The experimental stages (clipgen, clipnear, cliploop) are gone: asking for one is a one-line refusal."""
     from clipguide.shapes import training as T
 
-    assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust")
+    assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust", "prior")
     for stage in ("clipgen", "clipnear", "cliploop"):
         with pytest.raises(ConfigError, match=f"unknown model kind.s. {stage}: use --only"):
             T.train_shapes(tmp_path, only=(stage,))

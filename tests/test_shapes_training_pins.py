@@ -37,8 +37,9 @@ TINY = [
     ("clipft", 3, dict(batch=4, n_neg=2, n_adv=2, tokens=4, recycle=2, **ROBUSTNESS)),
     ("clipframe", 2, dict(batch=4, n_neg=2, n_cut=2)),
     ("cliprobust", 2, dict(batch=4, n_neg=2, n_cut=2, polish_steps=2, **ROBUSTNESS)),
+    ("prior", 2, dict(batch=4, train_scenes=16, held_out=4, eval_samples=2)),
 ]
-PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9
+PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the prior's: when it was added)
     "clip": ("2a32f8d31a2cd117", "22132735c86e7235"),
     "dvae": ("278e923c7135749e", "14f91d9004cd15c7"),
     "dvaeft": ("1ac45447952f36e5", "78e9da8b94d3d9c8"),
@@ -47,10 +48,11 @@ PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9
     "clipft": ("24e793f3d3caa27f", "4783dadb52186ebb"),
     "clipframe": ("f8b74f3c87656b8b", "bff379717f693c0d"),
     "cliprobust": ("5f856e3f4f55cb67", "9c08dc64550c085d"),
+    "prior": ("7c539169651a24a9", "a9472de3e78e7f43"),  # the token prior stage, added later
 }
-PINNED_CARD = "41a74f93961ed4f9"
+PINNED_CARD = "97bbf2c693e2f120"  # with the prior's section and the card's lines about it
 MODEL = {"clip": "clip", "dvae": "dvae", "dvaeft": "dvae", "vqgan": "vqgan", "vqganft": "vqgan", "clipft": "clip",
-         "clipframe": "clip", "cliprobust": "clip"}
+         "clipframe": "clip", "cliprobust": "clip", "prior": "prior"}
 
 
 def tensors_digest(path) -> str:
@@ -80,7 +82,7 @@ def meta_digest(path) -> str:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """The eight stages run tiny into one folder: (folder, stage -> (tensors digest, json digest))."""
+    """The stages run tiny into one folder: (folder, stage -> (tensors digest, json digest))."""
     out = tmp_path_factory.mktemp("shapes-training")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -70,3 +70,23 @@ class GuideModel(Protocol):
     def encode_text(self, texts) -> torch.Tensor: ...  # [N, D]
 
     def cast(self, dtype: torch.dtype) -> "GuideModel": ...
+
+
+@runtime_checkable
+class TokenPrior(Protocol):
+    """An unconditional model of a decoder's code grids (it never sees text: CLIP does that)."""
+
+    name: str
+    sha256: str | None
+
+    @property
+    def vocab_size(self) -> int: ...  # the decoder's V
+
+    @property
+    def grid(self) -> tuple[int, int]: ...  # (h, w) of the grids it models
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...  # -> codes [n, h, w] (int64)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor: ...  # codes [n, h, w] or code weights [n, V, h, w] -> [n]
+
+    def describe(self) -> dict: ...  # the record of a run's prior (compared on resume)

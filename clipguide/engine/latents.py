@@ -64,6 +64,15 @@ class Latent(torch.nn.Module):
             return self.to_param(encode_init_image(cfg, decoder, self.grid, len(generators), "codes"))
         return self.to_param(init_logits(cfg, self.vocab, self.grid, generators))
 
+    @torch.no_grad()
+    def restart(self, logits: torch.Tensor) -> None:
+        """Start from ``logits`` [B, V, h, w] instead (a prior's proposal): the parameter, and its moving
+        average and anchor when it has them, become their layout of it."""
+        self.param.copy_(self.to_param(logits.to(self.param)))
+        for name in ("param_ema", "param_init"):
+            if hasattr(self, name):
+                getattr(self, name).copy_(self.param)
+
     # layout: subclasses keep the parameter as the original notebooks did
     def to_param(self, logits: torch.Tensor) -> torch.Tensor:
         return logits  # [B, V, h, w]

@@ -23,6 +23,7 @@ from .devices import AUTO
 from .latents import Latent, check_latent, make_latent
 from .objective import Objective, View, prompt_objective
 from .prompts import encode_targets
+from .proposals import check_prior, propose
 from .render import Renderer
 from .state import DTYPES, Checkpoint, Result, StepState, capture, make_generators
 
@@ -32,12 +33,13 @@ if TYPE_CHECKING:  # the config imports the engine's tables of names
 Callback = Callable[[StepState], None]
 
 
-def describe_models(decoder, clip, cfg: RunConfig | None = None) -> dict:
+def describe_models(decoder, clip, cfg: RunConfig | None = None, prior=None) -> dict:
     """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files).
     With ``cfg``: a run with an init image also records a dVAE encoder kept in its own file (OpenAI's
     encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only."""
     clip_record = None if clip is None else {"name": clip.name, "sha256": clip.sha256, "image_size": clip.image_size}
-    return {"decoder": decoder.describe(encoder=cfg is not None and bool(cfg.init_image)), "clip": clip_record}
+    record = {"decoder": decoder.describe(encoder=cfg is not None and bool(cfg.init_image)), "clip": clip_record}
+    return record if prior is None else {**record, "prior": prior.describe()}
 
 
 def as_callbacks(callback) -> list:
@@ -62,11 +64,11 @@ def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
     return cfg.size // f, cfg.size // f
 
 
-def check_fits(cfg: RunConfig, decoder) -> None:
-    """Raise ConfigError for what ``cfg`` asks of ``decoder`` that it cannot do (the size, the latent),
-    so that callers can refuse a run before they create its folder."""
-    grid_of(cfg, decoder)
+def check_fits(cfg: RunConfig, decoder, prior=None) -> None:
+    """Raise ConfigError for what ``cfg`` asks of ``decoder`` (and ``prior``) that they cannot do (the size,
+    the latent, the prior's grid), so that callers can refuse a run before they create its folder."""
     check_latent(cfg, decoder.vocab_size, decoder)
+    check_prior(cfg, prior, decoder.vocab_size, grid_of(cfg, decoder))
 
 
 def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
@@ -109,8 +111,8 @@ class Step:
 
     def forward(self, gens, step: int = 0, backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-run (loss [B], similarity [B]; NaN for an objective without CLIP) at the current latent."""
-        image = self.renderer.pixels(gens, step)
-        ev = self.objective(View(image, self.latent, step, gens), backward)
+        codes, image = self.renderer.render(gens, step)
+        ev = self.objective(View(image, self.latent, step, gens, codes), backward)
         if backward:
             torch.autograd.backward(ev.roots, ev.grads)  # through the objective's roots and the decoder, once
         sim = ev.similarity if ev.similarity is not None else torch.full_like(ev.loss, float("nan"))
@@ -136,22 +138,29 @@ class Loop:
         return self.step.latent
 
 
-def prepare(cfg: RunConfig, decoder, clip, objective) -> Loop:
-    """The latent, renderer, objective and optimiser of ``cfg.runs()``."""
+def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool = False) -> Loop:
+    """The latent, renderer, objective and optimiser of ``cfg.runs()``; with ``cfg.prior_candidates`` the
+    latent starts from the prior's best proposal (not when ``resuming``: the checkpoint holds the start)."""
     runs = cfg.runs()
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
+    check_fits(cfg, decoder, prior)
     latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
     latent = latent.to(cfg.device)
+    dtype = DTYPES[cfg.precision]  # cast copies are made once per run, not per step
+    renderer = Renderer(cfg, decoder.cast(dtype), latent, seeds)
     if objective is None:
-        step = Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
-    else:
-        step = Step(Renderer(cfg, decoder.cast(DTYPES[cfg.precision]), latent, seeds), objective)
-    return Loop(cfg, runs, gens, step, make_optimiser(cfg, [latent.param]), describe_models(decoder, clip, cfg))
+        targets = encode_targets(clip, [p for p, _ in runs], cfg, seeds)
+        objective = prompt_objective(cfg, clip.cast(dtype), targets, prior)
+        if cfg.prior_candidates and not resuming:
+            guide = objective.guide
+            latent.restart(propose(cfg, prior, renderer.decoder, guide.clip, guide.targets, seeds))
+    models = describe_models(decoder, clip, cfg, prior if cfg.prior else None)
+    return Loop(cfg, runs, gens, Step(renderer, objective), make_optimiser(cfg, [latent.param]), models)
 
 
 def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = None, *,
-             resume_from: Checkpoint | None = None, objective: Objective | None = None) -> Result:
+             resume_from: Checkpoint | None = None, objective: Objective | None = None, prior=None) -> Result:
     """Optimise ``cfg.runs()`` (prompts x seeds) together for ``cfg.steps`` steps.
 
     ``objective`` (a callable ``(View, backward) -> Evaluation``, see :mod:`clipguide.engine.objective`)
@@ -162,13 +171,13 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = N
     written to disk.  ``resume_from`` (a :class:`Checkpoint` of this config, ``steps`` and ``snapshots``
     aside) continues a run from its step, bit for bit; callbacks then start at that step.  A NaN or
     infinite loss or latent raises :class:`NonFiniteError` naming the step, after the callbacks of the
-    last good step.
+    last good step.  ``prior`` is the token prior that ``cfg.prior`` names (:func:`clipguide.load_prior`).
     """
     if not cfg.prompts:
         raise ConfigError("no prompt given: pass at least one prompt")
     if cfg.device == AUTO:  # run where the caller put the models (load_models puts them on the best device)
         cfg = cfg.replace(device=str(getattr(clip, "device", "cpu")))
-    loop = prepare(cfg, decoder, clip, objective)
+    loop = prepare(cfg, decoder, clip, objective, prior, resuming=resume_from is not None)
     return drive(loop, as_callbacks(callback), resume_from)
 
 

@@ -32,6 +32,7 @@ class View:
     latent: Latent
     step: int
     generators: list  # one torch.Generator per run: all randomness of the step comes from them
+    codes: torch.Tensor | None = None  # [B, V, h, w] the relaxed code weights the image was decoded from
 
 
 @dataclass(eq=False)
@@ -131,17 +132,30 @@ class TotalVariation:
         return self.weight / 4 * tv_loss(view.image)
 
 
+class PriorTerm:
+    """``weight`` x the token prior's negative log-likelihood of the step's relaxed codes, in nats per
+    code: CLIP refines the image while the prior keeps its codes on the decoder's manifold."""
+
+    def __init__(self, prior, weight: float):
+        self.prior, self.weight = prior, weight
+
+    def __call__(self, view: View) -> torch.Tensor:
+        codes = view.codes.float()
+        return -self.weight * self.prior.log_prob(codes) / codes[0, 0].numel()
+
+
 def latent_penalty(view: View) -> torch.Tensor:
     """The latent's own regulariser (Crowson's pull toward the initial latent, docs/methods.md §4)."""
     return view.latent.penalty()
 
 
-def cfg_terms(cfg) -> list[Term]:
+def cfg_terms(cfg, prior=None) -> list[Term]:
     """The extra terms a config asks for, in the order their losses are added."""
     terms: list[Term] = [TotalVariation(cfg.tv_weight)] if cfg.tv_weight else []
-    return terms + ([latent_penalty] if cfg.init_weight else [])
+    terms += [latent_penalty] if cfg.init_weight else []
+    return terms + ([PriorTerm(prior, cfg.prior_weight)] if cfg.prior_weight else [])
 
 
-def prompt_objective(cfg, clip, targets) -> Objective:
+def prompt_objective(cfg, clip, targets, prior=None) -> Objective:
     """The objective of a config: CLIP guidance toward ``targets`` plus the config's extra terms."""
-    return Objective(PromptObjective(cfg, clip, targets), cfg_terms(cfg))
+    return Objective(PromptObjective(cfg, clip, targets), cfg_terms(cfg, prior))

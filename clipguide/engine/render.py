@@ -33,11 +33,12 @@ class Renderer:
         x = self.latent.decode(self.decoder, x, noise)
         return clamp_with_grad(x, 0, 1) if self.cfg.clamp_grad else x.clamp(0, 1)
 
-    def pixels(self, gens, step: int) -> torch.Tensor:
-        """The pixels of the relaxed latent at ``step`` (its draws, and the output noise, from ``gens``)."""
+    def render(self, gens, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relaxed value, pixels) of the latent at ``step`` (its draws, and the output noise, from ``gens``)."""
         size = self.cfg.size
         self.latent.step = step  # a coarse-to-fine latent lets its levels learn by the step
-        return self.decode(self.latent.relax(gens), self.noise(gens, (3, size, size)))
+        codes = self.latent.relax(gens)
+        return codes, self.decode(codes, self.noise(gens, (3, size, size)))
 
     @torch.no_grad()
     def display(self, step: int) -> torch.Tensor:

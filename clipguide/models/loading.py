@@ -9,6 +9,7 @@ from ..engine.devices import check_device
 from ..engine.state import DTYPES
 from .clip import load_clip
 from .decoders import load_decoder
+from .priors import load_prior
 
 
 @functools.lru_cache(maxsize=4)
@@ -31,3 +32,14 @@ def load_models(cfg: RunConfig):
     device = check_device(cfg.device)
     return (cached_decoder(cfg.decoder, device, cfg.precision),
             cached_clip(cfg.clip, device, cfg.precision))
+
+
+@functools.lru_cache(maxsize=4)
+def cached_prior(spec: str, device: str):
+    """A token prior, loaded once per process and device."""
+    return load_prior(spec, device=device)
+
+
+def load_prior_of(cfg: RunConfig):
+    """The token prior ``cfg.prior`` names (loaded once per process and device), or None."""
+    return cached_prior(cfg.prior, check_device(cfg.device)) if cfg.prior else None

@@ -21,7 +21,7 @@ from PIL import Image
 from ..config import RunConfig
 from ..engine.loop import describe_models
 from ..errors import ConfigError
-from ..models.loading import load_models
+from ..models.loading import load_models, load_prior_of
 from ..records.files import read_png_text
 from ..records.images import sha256_of
 from ..records.manifest import MANIFEST, environment, read_manifest
@@ -111,8 +111,9 @@ def replay_config(manifest: dict, recorded: RunConfig, device: str | None) -> Ru
 
 def _run(cfg: RunConfig, out: Path, preset: str | None, overwrite: bool, audit: dict) -> dict:
     decoder, clip = load_models(cfg)
-    run_session(cfg, out, models=(decoder, clip), preset=preset, overwrite=overwrite, **audit)
-    return describe_models(decoder, clip, cfg)
+    prior = load_prior_of(cfg)
+    run_session(cfg, out, models=(decoder, clip), prior=prior, preset=preset, overwrite=overwrite, **audit)
+    return describe_models(decoder, clip, cfg, prior)
 
 
 def _setup_differences(manifest: dict, path: Path, recorded: RunConfig, cfg: RunConfig, models: dict) -> list[str]:

@@ -17,6 +17,8 @@ from ..engine.cutouts import make_cutouts
 from ..engine.loop import optimise
 from ..engine.losses import cosine_similarities
 from ..engine.objective import Objective, PixelObjective
+from ..engine.prompts import encode_targets
+from ..engine.proposals import propose
 from . import judge as judge_mod
 from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
@@ -123,13 +125,32 @@ def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
     return gaps
 
 
-def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25) -> dict:
-    """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results."""
+def judge_proposals(cfg, decoder, clip, prior, pairs) -> dict:
+    """The prior's part alone, judged against each prompt: with ``cfg.prior_candidates`` 1, a plain sample
+    of the prior; with more, the one CLIP rates best (rerank only, no optimisation)."""
+    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs)).resolved()
+    runs = cfg.runs()
+    t0 = time.perf_counter()
+    targets = encode_targets(clip, [p for p, _ in runs], cfg, [s for _, s in runs])
+    start = propose(cfg, prior, decoder, clip, targets, [s for _, s in runs])
+    one_hot = torch.nn.functional.one_hot(start.argmax(1), prior.vocab_size).permute(0, 3, 1, 2).float()
+    images = decoder.decode(one_hot).clamp(0, 1)
+    seconds = time.perf_counter() - t0
+    wanted = [t for _, t in pairs for _ in range(cfg.batch)]
+    verdicts = judge_mod.judge_batch(images)
+    return {**{f"match_{k}": v for k, v in judge_mod.accuracy(verdicts, wanted).items()},
+            "seconds_per_prompt": seconds / len(wanted), "runs": len(wanted), "images": images,
+            "verdicts": [v.attributes for v in verdicts]}
+
+
+def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25, prior=None) -> dict:
+    """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results
+    (``prior``: the token prior ``cfg.prior`` names; its proposals count in the time)."""
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs))
     targets = [t for _, t in pairs for _ in range(cfg.batch)]
     tracker = JudgeEvery(targets, judge_every)
     t0 = time.perf_counter()
-    result = optimise(cfg, decoder, clip, tracker)
+    result = optimise(cfg, decoder, clip, tracker, prior=prior)
     seconds = time.perf_counter() - t0
     verdicts = judge_mod.judge_batch(result.images)
     acc = judge_mod.accuracy(verdicts, targets)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import scenes as S
 
-KINDS = ("clip", "dvae", "vqgan")
+KINDS = ("clip", "dvae", "vqgan", "prior")
 
 NOTES = """\
 - Timings are wall-clock on a 2-core VM shared with two other engineers' jobs (load average 4-6), one torch
@@ -55,6 +55,8 @@ def write_model_card(out_dir: Path) -> Path:
     for k, title in (("dvae", "shapes-dvae (dall_e Encoder/Decoder)"), ("vqgan", "shapes-vqgan (taming modules)")):
         if k in metas:
             L += _decoder_section(k, title, metas[k])
+    if "prior" in metas:
+        L += _prior_section(metas["prior"])
     L += ["## Known limitations (shipped run)", "", NOTES, ""]
     p = out_dir / "MODEL_CARD.md"
     p.write_text("\n".join(L) + "\n")
@@ -74,6 +76,7 @@ def _header(files) -> list[str]:
          "T='python -m clipguide.shapes.train --threads 1 --only'",
          "$T clip & ($T dvae && $T dvaeft); wait",
          "($T vqgan && $T vqganft) & ($T clipft && $T clipframe && $T cliprobust); wait",
+         "$T prior   # after dvaeft: it models the final dVAE's codes",
          "```",
          "(two lines of two parallel chains: 18 | 14 + 6 min, then 10 + 5 | 8 + 1 + 12 min at the reference speed,",
          "41 min in all on 2 cores; the shipped stages ran one or two at a time on a loaded machine, see the timings",
@@ -84,7 +87,8 @@ def _header(files) -> list[str]:
          "fine-tuned against adversarial images decoded by the shipped dVAE; clipframe = CLIP fine-tuned with",
          "shapes cut by the frame as negatives; cliprobust = CLIP then fine-tuned adversarially (every batch also",
          "trained on as its L2 pixel-space adversarial version, Madry et al. 2018 / Wong et al. 2020), so that its",
-         "image gradients point at what a prompt looks like, as robust models' do (Santurkar et al. 2019).)", "",
+         "image gradients point at what a prompt looks like, as robust models' do (Santurkar et al. 2019); prior =",
+         "an autoregressive transformer over the final dVAE's codes of rendered scenes, which never sees text.)", "",
          f"Shipped files ({total / 1e6:.2f} MB in total):", ""]
     L += [f"- `{f.name}`: {f.stat().st_size / 1e6:.2f} MB" for f in files] + [""]
     return L
@@ -156,6 +160,23 @@ def _clip_stages(m: dict) -> list[str]:
                   + (f"; pixel robustness before it {json.dumps(m['metrics'][f'before_{name}_pixel_robustness'])}"
                      if f"before_{name}_pixel_robustness" in m["metrics"] else "")]
     return L
+
+
+def _prior_section(m: dict) -> list[str]:
+    """The token prior's lines: architecture, training, held-out likelihood and the judge on its samples."""
+    tr, js = m["train"], m["judge_on_samples"]
+    return ["## shapes-prior (autoregressive transformer over shapes-dvae's codes)", "",
+            f"- architecture: `{json.dumps(m['config'])}` (start token, learnt positions, pre-norm blocks); "
+            "autoregressive, so it scores a grid exactly in one pass and samples code by code.",
+            f"- training: the shapes-dvae encoder's argmax codes of {tr['train_scenes']} fresh scenes (seed "
+            f"{tr['seed']}), `{json.dumps({k: v for k, v in tr.items() if k not in ('seconds', 'train_scenes', 'seed')})}`, "
+            f"cross-entropy, AdamW; {tr['seconds'] / 60:.1f} min on 1 thread (`--only prior`).",
+            f"- held-out log-likelihood on {m['held_out_scenes']} other scenes' codes: "
+            f"{m['held_out_bits_per_code']:.3f} bits per code ({m['held_out_bits_per_code'] * 256:.0f} bits per grid).",
+            f"- the judge on {js['samples']} samples decoded by shapes-dvae: {js['clean_share']:.3f} judged a clean "
+            f"one-shape scene; they cover {js['combinations_seen']} of the {js['combinations']} colour x shape x "
+            f"background combinations, with a normalised entropy of {js['coverage_entropy']:.3f} (1: perfectly even).",
+            ""]
 
 
 def _decoder_section(k: str, title: str, m: dict) -> list[str]:

@@ -1,0 +1,64 @@
+"""Starting points that a token prior proposes and CLIP chooses.
+
+DALL-E's transformer proposed 512 images per caption and CLIP reranked them (Ramesh et al. 2021);
+FuseDream (Liu et al. 2021) likewise starts its optimisation from the best of many generator
+samples scored by CLIP over augmented views.  Here each run draws ``prior_candidates`` code grids
+from the prior with its own generator, scores each with the run's own prompt loss over ``cutn``
+views (the same views for every candidate, so the scores compare), and starts from the best.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .cutouts import make_cutouts
+from .losses import LOSSES
+
+
+def proposal_seed(seed: int, k: int) -> int:
+    """A seed for the proposals of a run (k = 0: the candidates, 1: the views scoring them), apart from
+    the run's own generator: a run with a prior draws in its steps what it would draw without one."""
+    return int(np.random.SeedSequence([seed, k, 0x9A1]).generate_state(1)[0])
+
+
+def check_prior(cfg, prior, vocab: int, grid: tuple[int, int]) -> None:
+    """Raise ConfigError when ``cfg`` names a prior that is missing or models other grids than the run's."""
+    if not cfg.prior:
+        return
+    if prior is None:
+        raise ConfigError(f"--prior {cfg.prior}: pass the loaded prior to optimise(prior=...) (clipguide.load_prior), "
+                          "or run through generate / run_session, which load it")
+    if prior.vocab_size != vocab or tuple(prior.grid) != tuple(grid):
+        h, w = prior.grid
+        raise ConfigError(f"--prior {cfg.prior} models {h}x{w} grids of {prior.vocab_size} codes, but this run has "
+                          f"{grid[0]}x{grid[1]} of {vocab}: use the decoder it was trained for, and --size to match")
+
+
+def propose(cfg, prior, decoder, clip, targets, seeds) -> torch.Tensor:
+    """Initial logits [B, V, h, w]: per run, ``init_scale`` times the one-hot codes of the candidate whose
+    prompt loss is lowest (candidates and views from :func:`proposal_seed`)."""
+    embeds, weights, stops = targets.at(0)
+    starts = []
+    for r, seed in enumerate(seeds):
+        codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(seed, 0)))
+        losses = candidate_losses(cfg, decoder, clip, codes, (embeds[r], weights[r], stops[r]), proposal_seed(seed, 1))
+        best = codes[int(losses.argmin())]
+        starts.append(cfg.init_scale * F.one_hot(best, prior.vocab_size).permute(2, 0, 1).float())
+    return torch.stack(starts)
+
+
+@torch.no_grad()
+def candidate_losses(cfg, decoder, clip, codes: torch.Tensor, target, view_seed: int, batch: int = 32) -> torch.Tensor:
+    """The prompt loss [N] of code grids [N, h, w] toward one run's ``target`` (embeds [T, D], weights [T],
+    stops [T]), each seen through the same ``cutn`` views (generators seeded with ``view_seed``)."""
+    loss_fn, out = LOSSES[cfg.loss], []
+    for chunk in codes.split(batch):
+        one_hot = F.one_hot(chunk.to(cfg.device), decoder.vocab_size).permute(0, 3, 1, 2).float()
+        images = decoder.decode(one_hot).clamp(0, 1)
+        cuts = make_cutouts(images, cfg, clip.image_size, [torch.Generator().manual_seed(view_seed) for _ in chunk])
+        emb = clip.encode_image(cuts).view(len(chunk), cfg.cutn, -1)
+        out.append(loss_fn(emb, *(t.expand(len(chunk), *t.shape) for t in target)))
+    return torch.cat(out).float().cpu()

@@ -1,0 +1,144 @@
+"""Token priors: the interface, clipguide's prior format, the loop's uses of a prior (proposals chosen by
+CLIP, the prior term), their refusals, and resuming a run that has one.  The shipped shapes prior's
+behaviour is tested in test_prior_shapes.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import clipguide
+from clipguide import RunConfig
+from clipguide.engine.interfaces import TokenPrior
+from clipguide.engine.objective import PriorTerm, View
+from clipguide.errors import ConfigError, WeightsError
+from clipguide.models.prior import GPTConfig, GridPrior, TokenGPT, bits_per_code
+from clipguide.models.priors import load_prior
+
+PROMPT = "a red circle on a blue background"
+SMALL = dict(steps=3, cutn=2)
+
+
+def tiny_prior(seed=0, vocab=512, side=16) -> GridPrior:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GridPrior(TokenGPT(GPTConfig(vocab, side, side, n_embd=32, n_layer=1, n_head=2)), f"tiny-{seed}")
+
+
+@pytest.fixture(scope="module")
+def prior_file(tmp_path_factory):
+    """A tiny random prior over shapes-dvae's 16x16 grid of 512 codes, in clipguide's prior format."""
+    root = tmp_path_factory.mktemp("prior")
+    prior = tiny_prior()
+    cfg = prior.model.cfg
+    (root / "tiny.json").write_text(json.dumps({"kind": "token_gpt", "config": vars(cfg) | {}}))
+    save_file({k: v.contiguous() for k, v in prior.model.state_dict().items()}, root / "tiny.safetensors")
+    return root / "tiny.json"
+
+
+def test_the_prior_implements_the_interface_and_scores_what_it_samples(prior_file):
+    prior = load_prior(str(prior_file))
+    assert isinstance(prior, TokenPrior) and prior.grid == (16, 16) and prior.vocab_size == 512
+    codes = prior.sample(3, torch.Generator().manual_seed(1))
+    assert codes.shape == (3, 16, 16) and codes.dtype == torch.int64 and 0 <= int(codes.min()) and int(codes.max()) < 512
+    assert torch.equal(codes, prior.sample(3, torch.Generator().manual_seed(1)))
+    assert not torch.equal(codes, prior.sample(3, torch.Generator().manual_seed(2)))
+    one_hot = F.one_hot(codes, 512).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(prior.log_prob(codes), prior.log_prob(one_hot))
+    soft = (one_hot * 3).softmax(1).requires_grad_()
+    prior.log_prob(soft).sum().backward()
+    assert torch.isfinite(soft.grad).all() and soft.grad.abs().sum() > 0
+    assert 0 < bits_per_code(prior, codes) < 20
+    assert prior.describe()["sha256"] and prior.describe()["grid"] == [16, 16]
+
+
+def test_sampling_with_the_cache_matches_the_full_forward():
+    """Each sampled code is drawn from the teacher-forced distribution of its prefix."""
+    prior = tiny_prior(3)
+    codes = prior.sample(2, torch.Generator().manual_seed(0))
+    weights = F.one_hot(codes.flatten(1), 512).float()
+    logits = prior.model(prior.model.embed(weights))
+    gen, want = torch.Generator().manual_seed(0), []
+    for t in range(256):
+        want.append(torch.multinomial(logits[:, t].softmax(-1), 1, generator=gen)[:, 0])
+    assert torch.equal(torch.stack(want, 1).view(2, 16, 16), codes)
+
+
+def test_the_prior_term_is_its_weight_times_nats_per_code():
+    prior = tiny_prior(1)
+    codes = F.one_hot(prior.sample(2, torch.Generator().manual_seed(0)), 512).permute(0, 3, 1, 2).float()
+    view = View(torch.zeros(2, 3, 8, 8), None, 0, [], codes)
+    torch.testing.assert_close(PriorTerm(prior, 0.5)(view), -0.5 * prior.log_prob(codes) / 256)
+
+
+def test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit(prior_file, tmp_path):
+    kw = dict(prior=str(prior_file), prior_candidates=4, prior_weight=0.5, **SMALL)
+    a = clipguide.generate(PROMPT, out_dir=tmp_path / "a", **kw)
+    b = clipguide.generate(PROMPT, **kw)
+    assert torch.equal(a.images, b.images) and torch.equal(a.losses, b.losses)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["models"]["prior"]["name"] == "tiny" and manifest["config"]["prior_candidates"] == 4
+
+    def stop_at_2(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    clipguide.generate(PROMPT, out_dir=tmp_path / "c", callback=stop_at_2, **kw)
+    resumed = clipguide.resume(tmp_path / "c")
+    assert torch.equal(resumed.images, a.images) and torch.equal(resumed.losses, a.losses)
+
+
+def test_the_run_starts_from_the_candidate_clip_rates_best(prior_file):
+    from clipguide.engine.prompts import encode_targets
+    from clipguide.engine.proposals import candidate_losses, proposal_seed, propose
+
+    cfg = clipguide.get_preset("shapes").replace(prompts=(PROMPT,), prior=str(prior_file), prior_candidates=6,
+                                                  init_scale=5.0, **SMALL).resolved()
+    decoder, clip = clipguide.load_models(cfg)
+    prior = load_prior(str(prior_file))
+    targets = encode_targets(clip, [PROMPT], cfg, [cfg.seed])
+    start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
+    codes = prior.sample(6, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
+    embeds, weights, stops = targets.at(0)
+    losses = candidate_losses(cfg, decoder, clip, codes, (embeds[0], weights[0], stops[0]), proposal_seed(cfg.seed, 1))
+    assert len(set(losses.tolist())) == 6  # the candidates differ, and so do their scores
+    assert torch.equal(start[0].argmax(0), codes[int(losses.argmin())]) and float(start.max()) == 5.0
+    result = clipguide.optimise(cfg.replace(snapshots=(0,)), decoder, clip, prior=prior)
+    chosen = F.one_hot(codes[int(losses.argmin())], 512).permute(2, 0, 1)[None].float()
+    assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))  # step 0 shows it (and its average)
+
+
+def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
+    base = clipguide.generate(PROMPT, **SMALL)
+    weighted = clipguide.generate(PROMPT, prior=str(prior_file), prior_weight=1.0, **SMALL)
+    prior = load_prior(str(prior_file))
+    assert float(weighted.losses[0, 0]) - float(base.losses[0, 0]) > 0.5 * bits_per_code(prior, prior.sample(
+        4, torch.Generator().manual_seed(0)))  # a random prior: several nats per code on anything
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(prior="shapes-prior"), "does nothing alone"),
+    (dict(prior_candidates=4), "need --prior"),
+    (dict(prior="x.json", prior_weight=-1.0), r"0 \(off\) or more"),
+    (dict(prior="x.json", prior_weight=1.0, latent="zquantize", init="onehot"), "not zquantize"),
+    (dict(prior="x.json", prior_candidates=2, init_image="x.png"), "drop one"),
+])
+def test_prior_fields_that_do_not_go_together_are_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**fields)
+
+
+def test_a_prior_of_other_grids_or_a_missing_file_is_refused_before_the_run(prior_file, tmp_path):
+    with pytest.raises(ConfigError, match="16x16 grids of 512 codes, but this run has 8x8"):
+        clipguide.generate(PROMPT, prior=str(prior_file), prior_weight=1.0, size=64, **SMALL)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_prior(str(tmp_path / "absent.json"))
+    with pytest.raises(ConfigError, match="unknown prior"):
+        load_prior("no-such-prior")
+    with pytest.raises(ConfigError, match="pass the loaded prior"):
+        cfg = RunConfig(prompts=(PROMPT,), prior=str(prior_file), prior_weight=1.0, **SMALL)
+        clipguide.optimise(cfg, *clipguide.load_models(cfg))
