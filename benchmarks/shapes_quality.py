@@ -37,6 +37,14 @@ def shapes_models(preset: str) -> dict:
     return {**SHAPES_MODELS, "decoder": SHAPES_VQGAN} if vqgan else SHAPES_MODELS
 
 
+def print_row(name: str, m: dict) -> None:
+    """One line of the table (a stage without optimisation has no CLIP similarity or steps to a match)."""
+    first = f"{m['median_steps_to_match']:.0f}" if m.get("median_steps_to_match") is not None else "-"
+    sim = f"{m['clip_similarity']:7.3f}" if "clip_similarity" in m else f"{'-':>7s}"
+    print(f"{name:20s} {m['match_colour']:7.3f} {m['match_shape']:7.3f} {m['match_background']:7.3f} "
+          f"{m['match_all']:7.3f} {sim} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
+
+
 def prior_rows(args, pairs, overrides) -> list[dict]:
     """One row per stage of the prior on the shapes default: its samples, the best of --candidates by CLIP
     (rerank), that start refined by the loop (300 steps), with the prior term, and the term alone."""
@@ -53,10 +61,7 @@ def prior_rows(args, pairs, overrides) -> list[dict]:
     for name, fields, refine in stages:
         cfg = base.replace(prior=args.prior, **fields)
         m = evaluate(cfg, decoder, clip, pairs, prior=prior) if refine else judge_proposals(cfg, decoder, clip, prior, pairs)
-        first = f"{m['median_steps_to_match']:.0f}" if m.get("median_steps_to_match") is not None else "-"
-        sim = f"{m['clip_similarity']:7.3f}" if "clip_similarity" in m else f"{'-':>7s}"
-        print(f"{name:20s} {m['match_colour']:7.3f} {m['match_shape']:7.3f} {m['match_background']:7.3f} "
-              f"{m['match_all']:7.3f} {sim} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
+        print_row(name, m)
         rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts", "images")}})
     return rows
 
@@ -97,9 +102,7 @@ def main(argv=None):
             cfg = cfg.replace(batch=args.seeds)  # its notebook's batch of 2 is a seed count here
         decoder, clip = load_models(cfg)
         m = evaluate(cfg, decoder, clip, pairs)
-        first = f"{m['median_steps_to_match']:.0f}" if m["median_steps_to_match"] is not None else "-"
-        print(f"{name:20s} {m['match_colour']:7.3f} {m['match_shape']:7.3f} {m['match_background']:7.3f} "
-              f"{m['match_all']:7.3f} {m['clip_similarity']:7.3f} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
+        print_row(name, m)
         if m["shape_failures"]:
             print(f"{'':20s} shape missed, by the judge's reason: {m['shape_failures']}", flush=True)
         print(f"{'':20s} CLIP score of the image minus true renders under the loop's views: {m['search_gap']:+.3f}; "

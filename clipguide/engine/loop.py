@@ -99,11 +99,12 @@ class Step:
         self.renderer, self.objective = renderer, objective
 
     @classmethod
-    def for_prompts(cls, cfg: RunConfig, decoder, clip, latent: Latent, targets, seeds) -> "Step":
+    def for_prompts(cls, cfg: RunConfig, decoder, clip, latent: Latent, targets, seeds, prior=None) -> "Step":
         """The step of the default objective (:func:`~clipguide.engine.objective.prompt_objective`), with
         the decoder and CLIP cast to ``cfg.precision`` (once per run, not per step)."""
         dtype = DTYPES[cfg.precision]
-        return cls(Renderer(cfg, decoder.cast(dtype), latent, seeds), prompt_objective(cfg, clip.cast(dtype), targets))
+        objective = prompt_objective(cfg, clip.cast(dtype), targets, prior)
+        return cls(Renderer(cfg, decoder.cast(dtype), latent, seeds), objective)
 
     @property
     def latent(self) -> Latent:
@@ -144,19 +145,19 @@ def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool
     runs = cfg.runs()
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
-    check_fits(cfg, decoder, prior)
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
-    latent = latent.to(cfg.device)
-    dtype = DTYPES[cfg.precision]  # cast copies are made once per run, not per step
-    renderer = Renderer(cfg, decoder.cast(dtype), latent, seeds)
+    grid = grid_of(cfg, decoder)
+    check_prior(cfg, prior, decoder.vocab_size, grid)  # (make_latent checks the latent)
+    latent = make_latent(cfg, decoder.vocab_size, grid, gens, code_bias(cfg, decoder), decoder=decoder).to(cfg.device)
     if objective is None:
         targets = encode_targets(clip, [p for p, _ in runs], cfg, seeds)
-        objective = prompt_objective(cfg, clip.cast(dtype), targets, prior)
+        step = Step.for_prompts(cfg, decoder, clip, latent, targets, seeds, prior)
         if cfg.prior_candidates and not resuming:
-            guide = objective.guide
-            latent.restart(propose(cfg, prior, renderer.decoder, guide.clip, guide.targets, seeds))
+            guide = step.objective.guide
+            latent.restart(propose(cfg, prior, step.renderer.decoder, guide.clip, guide.targets, seeds))
+    else:
+        step = Step(Renderer(cfg, decoder.cast(DTYPES[cfg.precision]), latent, seeds), objective)
     models = describe_models(decoder, clip, cfg, prior if cfg.prior else None)
-    return Loop(cfg, runs, gens, Step(renderer, objective), make_optimiser(cfg, [latent.param]), models)
+    return Loop(cfg, runs, gens, step, make_optimiser(cfg, [latent.param]), models)
 
 
 def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = None, *,

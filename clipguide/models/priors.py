@@ -17,6 +17,7 @@ from ..paths import PACKAGE_DIR
 from .dalle_files import _read_json
 from .net2net import load_net2net_prior
 from .prior import GridPrior, TokenGPT, config_of
+from .vqgan import check_keys
 from .weights import sha256_file
 
 PRIORS = {  # registry: name -> the shipped model, and the decoder whose codes it models
@@ -51,10 +52,7 @@ def load_json_prior(path: str | Path, device: str = "cpu", name: str | None = No
                            + (" or rebuild it with `clipguide train-shapes --only prior`" if name == "shapes-prior" else ""))
     model = TokenGPT(config_of(meta))
     state = load_file(str(weights))
-    missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise WeightsError(f"{weights} does not fit {path.name} (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                           "a wrong .json/.safetensors pair?")
+    check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, weights, path)
     model.load_state_dict(state, strict=True)
     return GridPrior(model, name or path.stem, sha256_file(weights)).to(device)
 

@@ -12,8 +12,21 @@ import torch.nn.functional as F
 from dall_e import Decoder, Encoder, map_pixels, unmap_pixels
 from safetensors.torch import load_file
 
-from .common import (COMMAND, EVAL_SCENES, Progress, descend, eval_recon, log, prefixed_tensors, read_meta, save,
-                     scene_crops, seeded, set_lr, usage_term)
+from .common import (
+    COMMAND,
+    EVAL_SCENES,
+    Progress,
+    descend,
+    eval_recon,
+    log,
+    prefixed_tensors,
+    read_meta,
+    save,
+    scene_crops,
+    seeded,
+    set_lr,
+    usage_term,
+)
 
 DVAE_ENCODER = {"n_hid": 64, "n_blk_per_group": 1, "input_channels": 3, "vocab_size": 512}
 DVAE_DECODER = {"n_init": 64, "n_hid": 64, "n_blk_per_group": 1, "output_channels": 3, "vocab_size": 512}
@@ -37,13 +50,23 @@ def load_dvae_from(out_dir: Path):
     return enc, dec, meta
 
 
-def dvae_reconstruct(enc, dec, x):
-    """Hard-token reconstruction (argmax codes -> one-hot -> decoder -> sigmoid -> unmap_pixels); returns (img, codes)."""
+def encode_codes(enc, x):
+    """The dVAE's hard codes [n, h, w] (argmax of the encoder's logits) of images [n, 3, H, W] in [0, 1]."""
     with torch.no_grad():
-        z = enc(map_pixels(x)).argmax(1)
-        oh = F.one_hot(z, enc.vocab_size).permute(0, 3, 1, 2).float()
-        out = dec(oh).float()
-        return unmap_pixels(torch.sigmoid(out[:, :3])), z
+        return enc(map_pixels(x)).argmax(1)
+
+
+def decode_codes(dec, codes, vocab: int):
+    """Pixels in [0, 1] of hard codes [n, h, w]: one-hot -> decoder -> sigmoid -> unmap_pixels (which clamps)."""
+    with torch.no_grad():
+        out = dec(F.one_hot(codes, vocab).permute(0, 3, 1, 2).float()).float()
+        return unmap_pixels(torch.sigmoid(out[:, :3]))
+
+
+def dvae_reconstruct(enc, dec, x):
+    """Hard-token reconstruction (:func:`encode_codes`, then :func:`decode_codes`); returns (img, codes)."""
+    z = encode_codes(enc, x)
+    return decode_codes(dec, z, enc.vocab_size), z
 
 
 def _finish_dvae(enc, dec, tag: str, eval_scenes: int) -> tuple[dict, dict]:

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dall_e import map_pixels, unmap_pixels
 
 from ...models.prior import GPTConfig, GridPrior, TokenGPT, bits_per_code
 from ...models.weights import sha256_file
 from .. import judge as J
 from .. import scenes as S
 from .common import COMMAND, Progress, descend, log, save, seeded, set_lr
-from .dvae import load_dvae_from
+from .dvae import decode_codes, encode_codes, load_dvae_from
 
 PRIOR_ARCH = {"n_embd": 128, "n_layer": 4, "n_head": 4}
 
@@ -30,21 +29,12 @@ PRIOR_ARCH = {"n_embd": 128, "n_layer": 4, "n_head": 4}
 def encode_scenes(enc, n: int, seed: int, batch: int = 100) -> torch.Tensor:
     """The dVAE's codes [n, h, w] of ``n`` fresh 128 px scenes drawn with ``seed``."""
     scenes = S.sample_scenes(n, seed)
-    out = []
-    with torch.no_grad():
-        for i in range(0, n, batch):
-            out.append(enc(map_pixels(S.to_tensor(S.render(scenes[i:i + batch], 128)))).argmax(1))
-    return torch.cat(out)
+    return torch.cat([encode_codes(enc, S.to_tensor(S.render(scenes[i:i + batch], 128))) for i in range(0, n, batch)])
 
 
-def decode_codes(dec, codes: torch.Tensor, vocab: int, batch: int = 100) -> torch.Tensor:
-    """Pixels [n, 3, H, W] in [0, 1] of code grids [n, h, w] through the dVAE's decoder."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(codes), batch):
-            one_hot = F.one_hot(codes[i:i + batch], vocab).permute(0, 3, 1, 2).float()
-            out.append(unmap_pixels(torch.sigmoid(dec(one_hot).float()[:, :3])).clamp(0, 1))
-    return torch.cat(out)
+def decode_samples(dec, codes: torch.Tensor, vocab: int, batch: int = 100) -> torch.Tensor:
+    """Pixels [n, 3, H, W] in [0, 1] of code grids [n, h, w] through the dVAE's decoder, a batch at a time."""
+    return torch.cat([decode_codes(dec, codes[i:i + batch], vocab) for i in range(0, len(codes), batch)])
 
 
 def judge_samples(prior: GridPrior, dec, n: int, seed: int) -> dict:
@@ -52,7 +42,7 @@ def judge_samples(prior: GridPrior, dec, n: int, seed: int) -> dict:
     cover the colour x shape x background combinations (combinations seen, and the normalised entropy of
     their histogram: 1 is perfectly even over all of them)."""
     codes = prior.sample(n, torch.Generator().manual_seed(seed))
-    verdicts = J.judge_batch(decode_codes(dec, codes, prior.vocab_size))
+    verdicts = J.judge_batch(decode_samples(dec, codes, prior.vocab_size))
     clean = [v.attributes for v in verdicts if None not in v.attributes]
     combos = len({attributes for _, attributes in S.canonical_prompts()})
     counts = np.array(list(Counter(clean).values()), dtype=float)
