@@ -18,33 +18,10 @@ their code in the git history.
 
 from .card import write_model_card
 from .cli import MODELS_DIR, STAGES, main, rejudge_decoders, run_stage, train_shapes
-from .clip import (
-           build_clip,
-           clip_zero_shot,
-           l2_adversary,
-           load_clip_from,
-           pixel_robustness,
-)
-from .clip_stages import (
-           finetune_clip_dvae_adversarial,
-           finetune_clip_frame,
-           finetune_clip_robust,
-           train_clip,
-)
-from .dvae import (
-           build_dvae,
-           dvae_reconstruct,
-           finetune_dvae,
-           load_dvae_from,
-           train_dvae,
-)
-from .vqgan import (
-           build_vqgan,
-           finetune_vqgan,
-           load_vqgan_from,
-           train_vqgan,
-           vqgan_reconstruct,
-)
+from .clip import build_clip, clip_zero_shot, l2_adversary, load_clip_from, pixel_robustness
+from .clip_stages import finetune_clip_dvae_adversarial, finetune_clip_frame, finetune_clip_robust, train_clip
+from .dvae import build_dvae, dvae_reconstruct, finetune_dvae, load_dvae_from, train_dvae
+from .vqgan import build_vqgan, finetune_vqgan, load_vqgan_from, train_vqgan, vqgan_reconstruct
 
 __all__ = ["MODELS_DIR", "STAGES", "build_clip", "build_dvae", "build_vqgan", "clip_zero_shot", "dvae_reconstruct",
            "finetune_clip_dvae_adversarial", "finetune_clip_frame", "finetune_clip_robust", "finetune_dvae",

@@ -22,12 +22,7 @@ import torch
 from ...errors import ConfigError
 from ...paths import SHAPES_MODELS
 from .card import write_model_card
-from .clip_stages import (
-    finetune_clip_dvae_adversarial,
-    finetune_clip_frame,
-    finetune_clip_robust,
-    train_clip,
-)
+from .clip_stages import finetune_clip_dvae_adversarial, finetune_clip_frame, finetune_clip_robust, train_clip
 from .common import COMMAND, DEFAULT_MINUTES, EVAL_SCENES, eval_recon, log, stage_steps
 from .dvae import dvae_reconstruct, finetune_dvae, load_dvae_from, train_dvae
 from .prior import train_prior

@@ -12,25 +12,9 @@ import torch.nn.functional as F
 from dall_e import unmap_pixels
 
 from .. import scenes as S
-from .clip import (
-    CLIP_CFG,
-    CLIP_CONTEXT,
-    CLIP_IMAGE_SIZE,
-    CLIP_MEAN,
-    CLIP_STD,
-    ROBUSTNESS_STEPS,
-    build_clip,
-    canonical_tokens,
-    finish_clip,
-    l2_adversary,
-    load_clip_from,
-    not_genuine,
-    pixel_robustness,
-    pool_gradient,
-    scene_batch,
-    soft_contrastive_step,
-    step_with_negatives,
-)
+from .clip import (CLIP_CFG, CLIP_CONTEXT, CLIP_IMAGE_SIZE, CLIP_MEAN, CLIP_STD, ROBUSTNESS_STEPS, build_clip,
+                   canonical_tokens, finish_clip, l2_adversary, load_clip_from, not_genuine, pixel_robustness,
+                   pool_gradient, scene_batch, soft_contrastive_step, step_with_negatives)
 from .common import COMMAND, Progress, log, save, seeded, set_lr
 from .dvae import load_dvae_from
 

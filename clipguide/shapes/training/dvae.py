@@ -12,21 +12,8 @@ import torch.nn.functional as F
 from dall_e import Decoder, Encoder, map_pixels, unmap_pixels
 from safetensors.torch import load_file
 
-from .common import (
-    COMMAND,
-    EVAL_SCENES,
-    Progress,
-    descend,
-    eval_recon,
-    log,
-    prefixed_tensors,
-    read_meta,
-    save,
-    scene_crops,
-    seeded,
-    set_lr,
-    usage_term,
-)
+from .common import (COMMAND, EVAL_SCENES, Progress, descend, eval_recon, log, prefixed_tensors, read_meta, save,
+                     scene_crops, seeded, set_lr, usage_term)
 
 DVAE_ENCODER = {"n_hid": 64, "n_blk_per_group": 1, "input_channels": 3, "vocab_size": 512}
 DVAE_DECODER = {"n_init": 64, "n_hid": 64, "n_blk_per_group": 1, "output_channels": 3, "vocab_size": 512}

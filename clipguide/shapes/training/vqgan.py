@@ -10,19 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .. import scenes as S
-from .common import (
-    COMMAND,
-    EVAL_SCENES,
-    Progress,
-    descend,
-    eval_recon,
-    log,
-    read_meta,
-    save,
-    scene_crops,
-    seeded,
-    set_lr,
-)
+from .common import (COMMAND, EVAL_SCENES, Progress, descend, eval_recon, log, read_meta, save, scene_crops, seeded,
+                     set_lr)
 
 VQGAN_DDCONFIG = {"double_z": False, "z_channels": 64, "resolution": 128, "in_channels": 3, "out_ch": 3,
                   "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
