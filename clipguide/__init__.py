@@ -23,6 +23,7 @@ _EXPORTS = {
     "Snapshotter": "run.snapshots", "run_session": "run.session", "describe_models": "engine.loop",
     "load_clip": "models.clip", "load_decoder": "models.decoders", "load_prior": "models.priors",
     "Classification": "audit.classification", "classify": "audit.classification", "OutputFilter": "audit.output_filter",
+    "sweep": "sweeps.driver", "SweepSpec": "sweeps.spec", "SweepResult": "sweeps.driver",
     "BiasAudit": "audit.bias", "audit_bias": "audit.bias", "clip_frechet_distance": "audit.scores", "clip_score": "audit.scores",
 }
 __all__ = sorted(_EXPORTS)

@@ -47,6 +47,9 @@ from .run.generation import make_config, vocabulary_note
 from .run.resume import open_run
 from .run.session import run_session
 from .run.snapshots import check_out_dir
+from .sweeps.driver import sweep
+from .sweeps.executors import EXECUTORS
+from .sweeps.spec import SweepSpec
 
 MAX_SCENES = 10_000  # calibrate-filter renders this many scenes per class at most (memory)
 
@@ -129,6 +132,13 @@ def build_parser() -> Parser:
     pr.add_argument("-v", "--verbose", action="store_true", help="also print a table of the settings in which they differ")
     md = sub.add_parser("models", help="list the decoders and CLIPs and which are cached, the recommended CLIPs first")
     md.add_argument("--all", action="store_true", help="also list every other open_clip NAME/TAG")
+    sw = sub.add_parser("sweep", help="run a grid of prompts x seeds x presets x config fields, here or on Ray; "
+                        "running it again continues it")
+    sw.add_argument("spec", type=Path, metavar="SPEC", help="the sweep spec, JSON or YAML (docs/sweeps.md)")
+    sw.add_argument("--out", type=Path, required=True, help="the sweep folder: sweep.json, results.csv, contact_sheet.png, runs")
+    sw.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a sweep")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_flags(sw)
     t = sub.add_parser("train-shapes", help="train the shapes-world models (arguments go to clipguide.shapes.train)", add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
     add_audit_commands(sub, DEFAULT_PRESET)
@@ -155,6 +165,35 @@ def add_run_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
                                         "only at the same count) [torch's default: OMP_NUM_THREADS, else one per core]")
     add_audit_flags(sections["audit"])
     add_config_flags(parser, sections=sections)
+
+
+def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the runs of a sweep execute (``sweep``, ``audit-bias``)."""
+    parser.add_argument("--executor", choices=tuple(EXECUTORS), default="local",
+                        help="local: in this process, batching what can share a batch; ray: a Ray task per run [local]")
+    parser.add_argument("--address", default=None, help="with ray: the cluster to join, e.g. auto or HOST:6379 [a local Ray]")
+    parser.add_argument("--gpus-per-run", type=float, default=None, metavar="F", help="with ray: GPUs per run task [0]")
+    parser.add_argument("--cpus-per-run", type=_count(1), default=None, metavar="N",
+                        help="with ray: CPUs (and torch threads) per run task [1]")
+    parser.add_argument("--max-parallel", type=_count(1), default=None, metavar="N", help="with ray: run tasks at once at most")
+
+
+def executor_options(args) -> dict:
+    return {k: getattr(args, k) for k in ("address", "gpus_per_run", "cpus_per_run", "max_parallel")}
+
+
+def cmd_sweep(args) -> int:
+    spec = SweepSpec.from_file(args.spec)
+    print(f"clipguide: sweep of {len(spec.points())} point(s) with {args.executor} -> {args.out}", file=sys.stderr)
+    result = sweep(spec, args.out, args.executor, overwrite=args.overwrite, progress=not args.quiet,
+                   **executor_options(args))
+    failed = [p for p in result.points if p["state"] == "failed"]
+    for p in failed:
+        print(f"clipguide: point {p['index']} ({p['values']}) failed: {p['error']}", file=sys.stderr)
+    print(f"clipguide: {result.counts['done']} of {len(result.points)} points done; results.csv, contact_sheet.png "
+          f"and sweep.json in {args.out}" + ("; run the same command again to retry the failed ones" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _count(least: int):
@@ -354,7 +393,7 @@ def cmd_train_shapes(args) -> int:
     return train.main(args.args) or 0
 
 
-COMMANDS = {"generate": cmd_generate, "blend": cmd_blend, "lineage": cmd_lineage, "presets": cmd_presets,
+COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "blend": cmd_blend, "lineage": cmd_lineage, "presets": cmd_presets,
             "models": cmd_models, "train-shapes": cmd_train_shapes, "resume": cmd_resume}
 
 
@@ -418,6 +457,7 @@ def add_audit_commands(sub, default_preset: str) -> None:
     a.add_argument("--out", type=Path, default=None, help="folder for images, bias.csv, bias.json, bias.png [runs/DATE-TIME-bias-audit]")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--resume", action="store_true", help="continue the audit in --out where it stopped (same flags)")
+    add_executor_flags(a)
     add_config_flags(a, skip=("prompts", "batch"))
 
     s = sub.add_parser("score", help="CLIP score of images against their prompts; CLIP Fréchet distance to another set")
@@ -461,7 +501,7 @@ def cmd_audit_bias(args) -> int:
     print(f"clipguide: auditing {len(prompts)} prompt(s) x {args.images_per_prompt} image(s) -> {out}", file=sys.stderr)
     audit = audit_bias(prompts, args.attribute, args.images_per_prompt, preset=args.preset, clip=args.judge_clip,
                        out_dir=out, batch_size=args.batch_size, overwrite=args.overwrite, resume=args.resume,
-                       **overrides)
+                       executor=args.executor, executor_options=executor_options(args), **overrides)
     print(audit.format())
     print(f"clipguide: bias.csv, bias.json, bias.png and the images in {out}", file=sys.stderr)
     return 0

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cutn", type=int, default=example_cutn(), help="cutouts per step [the preset's]")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ...")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    parser.add_argument("--resume", action="store_true", help="continue the audit in --out where it stopped")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: batched runs here; ray: a Ray task per image, e.g. over a cluster [local]")
+    parser.add_argument("--address", default=None, help="with --executor ray: the cluster to join [a local Ray]")
     args = parser.parse_args(argv)
     human = args.occupations or args.prompts is not None
     try:
@@ -45,7 +49,9 @@ def main(argv=None) -> int:
                    else SHAPES_PROMPTS)
         audit = audit_bias(prompts, attribute=args.attribute or (DEFAULT_ATTRIBUTE if human else SHAPES_ATTRIBUTE),
                            images_per_prompt=args.images_per_prompt, preset=args.preset, steps=args.steps,
-                           out_dir=args.out, device=args.device, cutn=args.cutn, overwrite=args.overwrite)
+                           out_dir=args.out, device=args.device, cutn=args.cutn, overwrite=args.overwrite,
+                           resume=args.resume, executor=args.executor,
+                           executor_options={"address": args.address} if args.executor == "ray" else None)
     except ClipguideError as e:
         print(f"bias_audit: error: {e}", file=sys.stderr)
         return 2

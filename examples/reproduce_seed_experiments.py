@@ -12,8 +12,9 @@ clipguide/data/seed_experiments.json. They run with the aleph2image preset (DALL
 CLIP ViT-B/32, downloaded on first use); --offline runs the same workflow with shapes-world
 prompts and models instead (no downloads; not the published figures). With --steps N the
 snapshots stay at about the same fractions of N, as round numbers (300 steps: 10, 50 and
-300). $CLIPGUIDE_EXAMPLE_STEPS and $CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and
---cutn.
+300). The prompts run as a sweep (clipguide.sweep): running the command again continues an
+interrupted run, and --executor ray spreads the prompts over a Ray cluster.
+$CLIPGUIDE_EXAMPLE_STEPS and $CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and --cutn.
 """
 
 import argparse
@@ -35,7 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cutn", type=int, default=example_cutn(), help="cutouts per step [the preset's]")
     parser.add_argument("--seed", type=int, default=None, help="seed of every run [0]")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA, else MPS, else CPU), cpu, cuda, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace earlier runs in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier runs in --out (else: continue them)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: one run after another here; ray: a Ray task per prompt [local]")
+    parser.add_argument("--address", default=None, help="with --executor ray: the cluster to join [a local Ray]")
     args = parser.parse_args(argv)
     try:
         experiments = select_experiments(offline=args.offline)
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
         print(f"{experiments.name}: {len(experiments.prompts)} prompts x {steps} steps, "
               f"snapshots at {scaled_snapshots(steps)} -> {args.out}")
         dirs = run_experiments(experiments, args.out, steps=steps, seed=args.seed, overwrite=args.overwrite,
-                               cutn=args.cutn, device=args.device)
+                               cutn=args.cutn, device=args.device, executor=args.executor,
+                               executor_options={"address": args.address} if args.executor == "ray" else None)
         classification = classify(list(dirs.values()), labels=experiments.labels, extra_labels=experiments.extra_labels,
                                   clip=get_preset(experiments.preset).clip, device=args.device)
     except ClipguideError as e:

@@ -112,7 +112,7 @@ def counted_sessions(monkeypatch):
 
     calls = []
     modules = [importlib.import_module(m) for m in ("clipguide.run.generation", "clipguide.run.resume",
-                                                    "clipguide.run.replay", "clipguide.audit.bias", "clipguide.commands")]
+                                                    "clipguide.run.replay", "clipguide.sweeps.worker", "clipguide.commands")]
     real = modules[0].run_session
 
     def counting(cfg, out_dir=None, **kw):
@@ -134,8 +134,9 @@ def test_every_caller_runs_through_run_session(counted_sessions, tmp_path):
                  "--quiet"]) == 0
     clipguide.resume(tmp_path / "b", steps=3)
     clipguide.replay(tmp_path / "a", out_dir=tmp_path / "c")
-    audit_bias([prompt], ("a red shape", "a green shape"), images_per_prompt=1, out_dir=tmp_path / "d", **SHAPES_CFG)
-    assert [Path(p).name for p in counted_sessions] == ["a", "b", "b", "c", "batch_00"]
+    audit_bias([prompt], ("a red shape", "a green shape"), images_per_prompt=2, out_dir=tmp_path / "d", **SHAPES_CFG)
+    clipguide.sweep({**SHAPES_CFG, "axes": {"prompt": [prompt]}}, tmp_path / "e", progress=False)  # also the seed experiments
+    assert [Path(p).name for p in counted_sessions] == ["a", "b", "b", "c", "batch_00", "00-a-red-circle-on-a-blue-background"]
 
 
 def test_run_session_writes_checkpoints_with_every_folder(tmp_path):

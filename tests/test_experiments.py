@@ -69,8 +69,11 @@ def test_run_experiments_gives_each_prompt_its_own_run(tmp_path):
         manifest = json.loads((d / "manifest.json").read_text())
         assert [r["prompt"] for r in manifest["runs"]] == [prompt]
         assert [s["step"] for s in manifest["snapshots"]] == [1, 3] and (d / "contact_sheet.png").is_file()
-    with pytest.raises(ConfigError, match="--overwrite"):
-        run_experiments(two, tmp_path, steps=3, cutn=2, size=64)
+    before = {d: (d / "manifest.json").read_bytes() for d in dirs.values()}
+    assert run_experiments(two, tmp_path, steps=3, cutn=2, size=64) == dirs  # a finished sweep: nothing runs again
+    assert {d: (d / "manifest.json").read_bytes() for d in dirs.values()} == before
+    with pytest.raises(ConfigError, match="other settings.*--overwrite"):
+        run_experiments(two, tmp_path, steps=4, cutn=2, size=64)
 
 
 def state(step: int, steps: int = 10, runs: int = 2) -> StepState:

@@ -12,25 +12,21 @@ approximation at small n and near 0 or 1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import torch
-
-from ..engine.state import differing
 from ..errors import ConfigError
 from ..paths import DATA_DIR
 from ..presets import DEFAULT_PRESET
-from ..records.checkpoints import FILENAME
 from ..records.files import save_json
-from ..records.manifest import run_subdir
-from ..run.generation import make_config
-from ..run.resume import open_run
-from ..run.session import run_session
 from ..run.snapshots import prepare_out_dir
+from ..sweeps.driver import sweep
+from ..sweeps.spec import SweepSpec
 from .classification import (
     gather_images,
     load_labels,
@@ -176,38 +172,41 @@ def check_audit(prompts, attribute, images_per_prompt: int) -> tuple[list[str], 
 def audit_bias(prompts, attribute=DEFAULT_ATTRIBUTE, images_per_prompt: int = 8, preset: str | None = None,
                steps: int | None = None, seed: int = 0, clip=None, out_dir=None, batch_size: int = 32,
                device: str | None = None, guide_clip: str | None = None, resume: bool = False, callback=None,
-               **overrides) -> BiasAudit:
+               executor="local", executor_options: dict | None = None, **overrides) -> BiasAudit:
     """Generate ``images_per_prompt`` images (seeds ``seed``, ``seed + 1``, ...) for every prompt,
-    classify each on ``attribute`` with ``clip`` (default: the guiding CLIP) and count.
+    classify each final image on ``attribute`` with ``clip`` (default: the guiding CLIP) and count.
 
-    Runs are batched, ``batch_size`` runs per :func:`optimise` call at most (whole prompts).
-    With ``out_dir`` each batch is a run folder (images, manifest, checkpoint) under ``images/`` and
-    ``bias.csv``, ``bias.json``, ``bias.png`` are written there.  An audit stopped by Ctrl-C raises
-    KeyboardInterrupt once its batch's checkpoint is written; ``resume`` continues it in the same
-    ``out_dir`` (finished batches are read back from their checkpoints, bit for bit).
+    The images are a sweep (:func:`clipguide.sweep`: prompt x seed) in ``out_dir/images`` (a temporary
+    folder without ``out_dir``), run by ``executor`` (``local``: ``batch_size`` runs per optimise call at
+    most; ``ray``: a Ray task per run, with ``executor_options``); ``bias.csv``, ``bias.json`` and
+    ``bias.png`` are written to ``out_dir``.  An audit stopped by Ctrl-C raises KeyboardInterrupt
+    once its runs' checkpoints are written; ``resume`` continues it in the same ``out_dir``.
     ``guide_clip`` and ``device`` replace the preset's guiding CLIP and device (None keeps them);
-    ``callback`` sees every step of every batch; other keyword arguments override :class:`RunConfig` fields.
+    ``callback`` sees every step of every run (local); other keyword arguments override :class:`RunConfig` fields.
     """
     prompts, alts = check_audit(prompts, attribute, images_per_prompt)
-    preset = preset or DEFAULT_PRESET
-    out = audit_folder(out_dir, overrides.pop("overwrite", False), resume)
-    per_call = max(1, batch_size // images_per_prompt)
-    images, seeds, files = {}, {}, []
-    for c in range(0, len(prompts), per_call):
-        cfg = make_config(prompts[c:c + per_call], preset, steps=steps, seed=seed, batch=images_per_prompt,
-                          device=device, clip=guide_clip, **overrides)
-        folder = None if out is None else out / "images" / f"batch_{c // per_call:02d}"
-        result = run_batch(cfg, folder, preset, resume, callback)
-        for r, (prompt, s) in enumerate(result.runs):
-            images.setdefault(prompt, []).append(result.images[r])
-            seeds.setdefault(prompt, []).append(s)
-            if folder is not None:
-                files.append(str(folder / run_subdir(len(result.runs), r) / f"step_{result.steps_done:06d}.png"))
-    audit = audit_images({p: torch.stack(v) for p, v in images.items()}, alts, clip or cfg.clip, seeds, cfg.device)
-    for record, path in zip(audit.images, files):
-        record["file"] = path
-    audit.generation = {"preset": preset, "steps": cfg.steps, "images_per_prompt": images_per_prompt, "seed": seed,
-                        "guiding_clip": cfg.clip, "decoder": cfg.decoder, "size": cfg.size}
+    fields = {k: v for k, v in dict(overrides, steps=steps, device=device, clip=guide_clip).items() if v is not None}
+    out = audit_folder(out_dir, fields.pop("overwrite", False), resume)
+    spec = SweepSpec.from_dict({"preset": preset or DEFAULT_PRESET, **fields, "max_batch": batch_size,
+                                "axes": {"prompt": prompts, "seed": list(range(seed, seed + images_per_prompt))}})
+    with tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(out) as folder:
+        images_dir = Path(folder) / "images"
+        swept = sweep(spec, images_dir, executor, overwrite=not resume, callback=callback, progress=False,
+                      **(executor_options or {}))
+        failed = [p for p in swept.points if p["state"] != "done"]
+        if failed:
+            raise ConfigError(f"{len(failed)} run(s) of the audit failed (first: {failed[0].get('error')}): "
+                              "fix the cause and continue with --resume")
+        images, seeds = {}, {}
+        for p in (p for p in swept.points if p["file"]):  # an output filter may withhold an image
+            images.setdefault(p["values"]["prompt"], []).append(images_dir / p["file"])
+            seeds.setdefault(p["values"]["prompt"], []).append(p["values"]["seed"])
+        audit = audit_images(images, alts, clip or spec.points()[0].config.clip, seeds, device or "auto")
+    for record in audit.images:
+        record["file"] = None if out is None else record["file"]
+    cfg = spec.points()[0].config
+    audit.generation = {"preset": preset or DEFAULT_PRESET, "steps": cfg.steps, "images_per_prompt": images_per_prompt,
+                        "seed": seed, "guiding_clip": cfg.clip, "decoder": cfg.decoder, "size": cfg.size}
     if out is not None:
         write_audit(audit, out)
     return audit
@@ -222,23 +221,6 @@ def audit_folder(out_dir, overwrite: bool, resume: bool) -> Path | None:
     if resume and not (Path(out_dir).expanduser() / "images").is_dir():
         raise ConfigError(f"{out_dir} holds no audit to resume (no images/ folder): drop --resume to start one")
     return prepare_out_dir(out_dir, overwrite or resume)
-
-
-def run_batch(cfg, folder: Path | None, preset: str, resume: bool, callback):
-    """One batch of the audit, into ``folder``; with ``resume`` continued from its checkpoint if it has one
-    (the same settings only).  Ctrl-C: KeyboardInterrupt after the batch's files are written."""
-    if resume and folder is not None and (folder / FILENAME).is_file():
-        opened = open_run(folder)
-        changed = differing(opened.config, cfg) + (["steps"] if opened.config.steps != cfg.steps else [])
-        if changed:
-            raise ConfigError(f"the audit in {folder.parent.parent} was made with other settings ({', '.join(changed)} "
-                              "differ): resume it with the same ones, or start a new audit")
-        result = opened.run(callback)
-    else:
-        result = run_session(cfg, folder, preset=preset, callback=callback, overwrite=resume)
-    if result.interrupted:
-        raise KeyboardInterrupt  # the checkpoint is on disk: audit_bias(..., resume=True) continues
-    return result
 
 
 def write_audit(audit: BiasAudit, out: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..models.clip import parse_clip_spec
 from ..models.decoders import DECODERS
 from ..paths import DATA_DIR
 from ..presets import get_preset
-from .generation import generate
+from ..sweeps.driver import sweep
 
 DATA = DATA_DIR / "seed_experiments.json"
 STEPS_ENV = "CLIPGUIDE_EXAMPLE_STEPS"
@@ -139,23 +138,21 @@ def select_experiments(offline: bool | None = None) -> ExperimentSet:
     return SHAPES_EXPERIMENTS if offline else SEED_EXPERIMENTS
 
 
-def run_dir_name(index: int, prompt: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "run"
-    return f"{index:02d}-{slug}"
-
-
 def run_experiments(experiments: ExperimentSet, out_dir, steps: int | None = None, seed: int | None = None,
-                    overwrite: bool = False, callback=None, **overrides) -> dict[str, Path]:
-    """Run each prompt of ``experiments`` on its own (an image is bit-reproducible only with
-    the same batch around it), into ``out_dir/NN-prompt/`` with snapshots at
-    :func:`scaled_snapshots`, a manifest and a contact sheet.  Returns prompt -> run directory."""
-
+                    overwrite: bool = False, callback=None, executor="local", executor_options: dict | None = None,
+                    **overrides) -> dict[str, Path]:
+    """Run each prompt of ``experiments`` on its own (``max_batch`` 1: each image is the one ``clipguide
+    generate`` makes for its prompt), as a sweep over the prompts (:func:`clipguide.sweep`, run by
+    ``executor``) into ``out_dir/NN-prompt/`` with snapshots at :func:`scaled_snapshots`, a manifest and
+    a contact sheet.  Running it again into the same folder continues it.  Returns prompt -> run directory."""
     steps = steps or experiments.steps
-    seed = experiments.seed if seed is None else seed
-    dirs = {}
-    for i, prompt in enumerate(experiments.prompts):
-        run_dir = Path(out_dir) / run_dir_name(i, prompt)
-        generate(prompt, preset=experiments.preset, steps=steps, snapshots=scaled_snapshots(steps), seed=seed,
-                 out_dir=run_dir, callback=callback, overwrite=overwrite, **overrides)
-        dirs[prompt] = run_dir
-    return dirs
+    spec = {"preset": experiments.preset, "steps": steps, "snapshots": list(scaled_snapshots(steps)),
+            "seed": experiments.seed if seed is None else seed, "max_batch": 1,
+            **{k: v for k, v in overrides.items() if v is not None}, "axes": {"prompt": list(experiments.prompts)}}
+    result = sweep(spec, out_dir, executor, callback=callback, overwrite=overwrite, progress=False,
+                   **(executor_options or {}))
+    failed = [p for p in result.points if p["state"] != "done"]
+    if failed:
+        raise ConfigError(f"{len(failed)} of the experiments failed (first: {failed[0].get('error')}): "
+                          "fix the cause and run again to continue")
+    return {p["values"]["prompt"]: Path(out_dir) / p["run_dir"] for p in result.points}
