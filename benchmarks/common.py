@@ -15,7 +15,8 @@ def build_step(cfg, decoder, clip):
     runs = cfg.runs()
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
-    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder), decoder=decoder)
+    latent = make_latent(cfg, decoder.vocab_size, grid_of(cfg, decoder), gens, code_bias(cfg, decoder),
+                         decoder=decoder).to(cfg.device)  # as optimise() does
     step = Step.for_prompts(cfg, decoder, clip, latent, encode_targets(clip, [p for p, _ in runs], cfg, seeds), seeds)
     opt = make_optimiser(cfg, [latent.param])
 

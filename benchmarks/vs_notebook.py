@@ -90,7 +90,7 @@ def notebook_dvae_step(decoder, clip, size: int, cutn: int):
         one_hot = F.one_hot(torch.multinomial(probs, 1, generator=g)[:, 0], 8192).to(probs.dtype)
         z = replace_grad(one_hot, probs).view(1, toks, toks, 8192).permute(0, 3, 1, 2)
         out = module(z.contiguous()).float()
-        loc = out[:, :3] + out[:, 3:6].exp() * laplace_noise(out[:, :3].shape[1:], g, "cpu")
+        loc = out[:, :3] + out[:, 3:6].exp() * laplace_noise(out[:, :3].shape[1:], [g], "cpu")
         img = clamp_with_grad((torch.sigmoid(loc) - 0.1) / 0.8, 0, 1)
         notebook_update(img, clip, target, opt, cutn, g)
 

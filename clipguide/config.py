@@ -106,6 +106,9 @@ class RunConfig:
     # cutouts (what CLIP sees each step)
     cutn: int = _f("cutouts", 32, "cutouts per run and step")
     cut_batch: int = _f("speed", 0, "cutouts per CLIP pass in the backward (0 = all at once): fewer hold less memory for the same arithmetic")
+    compile: bool = _f("speed", False, "run the decoder's and CLIP's forward through torch.compile: the first steps compile "
+                       "(seconds to minutes), then steps are faster where the backend pays; results equal eager's to "
+                       "float rounding, not bit for bit")
     cut: str = _f("cutouts", "crowson", "cutout size law: crowson (u^cut_pow), uniform (lo..hi), normal (mean, std, lo, hi)", CUTS)
     cut_pow: float = _f("cutouts", 1.0, "Crowson's size exponent (1 = uniform sizes)")
     cut_range: tuple[float, ...] = _f("cutouts", (), "size law parameters as fractions of the side (uniform: lo,hi; normal: mean,std,lo,hi)")

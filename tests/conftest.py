@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -15,6 +16,25 @@ TINY_CLIP_CFG = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 TINY_DVAE = dict(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None, help="torch device of the device-parametrised tests (fixture test_device): "
+                     "cpu (default), cuda, cuda:N, mps; or set CLIPGUIDE_TEST_DEVICE")
+
+
+@pytest.fixture(scope="session")
+def test_device(request) -> str:
+    """The device that device-parametrised tests move models and tensors to: ``--device`` or
+    ``$CLIPGUIDE_TEST_DEVICE``, else "cpu".  Asking for a device this machine lacks fails them."""
+    from clipguide.engine.devices import check_device
+    from clipguide.errors import ConfigError
+
+    device = request.config.getoption("--device") or os.environ.get("CLIPGUIDE_TEST_DEVICE") or "cpu"
+    try:
+        return check_device(device)
+    except ConfigError as e:
+        pytest.fail(f"test device: {e}")
 
 
 def pytest_configure(config):

@@ -251,7 +251,7 @@ def test_vector_quantize_hand_made_codebook():
 
 
 def test_laplace_noise_is_a_standard_laplace():
-    x = laplace_noise((N_DRAWS,), gen(7), "cpu").double()
+    x = laplace_noise((N_DRAWS,), [gen(7)], "cpu")[0].double()
     n = N_DRAWS
     assert_within(float(x.mean()), 0.0, math.sqrt(2 / n), "mean")  # var 2
     assert_within(float((x > 0).double().mean()), 0.5, math.sqrt(0.25 / n), "P(x>0)")
@@ -263,7 +263,7 @@ def test_laplace_noise_is_a_standard_laplace():
 
 
 def test_gumbel_noise_is_a_standard_gumbel():
-    x = gumbel_noise((N_DRAWS,), gen(8), "cpu").double()
+    x = gumbel_noise((N_DRAWS,), [gen(8)], "cpu")[0].double()
     n, var = N_DRAWS, math.pi**2 / 6
     assert_within(float(x.mean()), EULER_GAMMA, math.sqrt(var / n), "mean")
     # the sample variance's standard error is √((μ4 - σ⁴)/n); a Gumbel's excess kurtosis is 12/5, so μ4 - σ⁴ = 4.4·σ⁴
@@ -276,11 +276,13 @@ def test_gumbel_noise_is_a_standard_gumbel():
 def test_noise_is_drawn_from_the_given_generator(noise):
     g = gen(9)
     state = g.get_state()
-    a = noise((4, 5), g, "cpu")
-    b = noise((4, 5), torch.Generator().set_state(state), "cpu")
-    assert torch.equal(a, b) and a.shape == (4, 5) and a.dtype == torch.float32
-    assert not torch.equal(a, noise((4, 5), g, "cpu"))  # the generator moved on
-    assert not torch.equal(a, noise((4, 5), gen(10), "cpu"))
+    a = noise((4, 5), [g], "cpu")
+    b = noise((4, 5), [torch.Generator().set_state(state)], "cpu")
+    assert torch.equal(a, b) and a.shape == (1, 4, 5) and a.dtype == torch.float32
+    assert not torch.equal(a, noise((4, 5), [g], "cpu"))  # the generator moved on
+    assert not torch.equal(a, noise((4, 5), [gen(10)], "cpu"))
+    pair = noise((4, 5), [torch.Generator().set_state(state), gen(10)], "cpu")  # each run from its own generator
+    assert torch.equal(pair[0], a[0]) and not torch.equal(pair[1], a[0])
 
 
 # ----------------------------------------------------------------------------- clamp_with_grad, replace_grad

@@ -49,7 +49,7 @@ def notebook_loss(img, clip, targets, boxes):
 def draws(cfg, g, size, cut_size, sample=None, noise_shape=None):
     """The run's draws in its order: a categorical sample, Laplace noise, then the crop boxes."""
     idx = sample(g) if sample else None
-    noise = cfg.noise_scale * laplace_noise(noise_shape, g, "cpu") if cfg.noise_scale else None
+    noise = cfg.noise_scale * laplace_noise(noise_shape, [g], "cpu")[0] if cfg.noise_scale else None
     sizes = draw_sizes(cfg, size, cut_size, g)
     return idx, noise, list(zip(sizes, draw_offsets((size, size), sizes, 1, g)))
 

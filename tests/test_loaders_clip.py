@@ -237,9 +237,9 @@ def test_encode_image_is_differentiable_and_resizes(tiny):
     torch.testing.assert_close(embeddings.detach(), tiny.encode_image(resized))
 
 
-def test_to_moves_the_cache(tiny):
+def test_to_moves_the_cache(tiny, test_device):
     tiny.encode_text(["x"])
-    assert tiny.to("cpu") is tiny and tiny.encode_text(["x"]).device.type == "cpu"
+    assert tiny.to(test_device) is tiny and tiny.encode_text(["x"]).device.type == torch.device(test_device).type
 
 
 # --- ensembles --------------------------------------------------------------------------------

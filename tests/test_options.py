@@ -577,7 +577,7 @@ def test_noise_scale_scales_laplace_pixel_noise_from_the_runs_generator(tiny_cli
     shape = (3, 16, 16)
     step, _ = step_of(cfg_of(size=16, noise_scale=2.5), RampDecoder(), tiny_clip)
     noise = step.renderer.noise([gen(3)], shape)
-    torch.testing.assert_close(noise, 2.5 * laplace_noise(shape, gen(3), "cpu")[None])
+    torch.testing.assert_close(noise, 2.5 * laplace_noise(shape, [gen(3)], "cpu"))
     assert 2.0 < float(noise.abs().mean()) < 3.0  # Laplace(0, 2.5): mean |x| = 2.5
     off, _ = step_of(cfg_of(size=16), RampDecoder(), tiny_clip)
     assert off.renderer.noise([gen(3)], shape) is None
@@ -590,7 +590,7 @@ def test_display_noise_samples_pixel_noise_in_snapshots_seeded_by_seed_and_step(
     step, _ = step_of(cfg, tiny_dvae, tiny_clip, seed=4)
     quiet, _ = step_of(cfg.replace(display_noise=False), tiny_dvae, tiny_clip, seed=4)
     codes = step.latent.display("argmax")
-    want = tiny_dvae.decode(codes, laplace_noise((3, 32, 32), gen(display_seed(4, 7)), "cpu")[None]).clamp(0, 1)
+    want = tiny_dvae.decode(codes, laplace_noise((3, 32, 32), [gen(display_seed(4, 7))], "cpu")).clamp(0, 1)
     torch.testing.assert_close(step.display(7), want)
     torch.testing.assert_close(quiet.display(7), tiny_dvae.decode(codes).clamp(0, 1))
     assert not torch.allclose(step.display(7), quiet.display(7))
@@ -668,21 +668,23 @@ def test_batch_runs_consecutive_seeds_each_as_alone(tiny_dvae, tiny_clip):
     assert not torch.allclose(r.latent[0], r.latent[1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_cuda_runs_the_loop_there_from_the_same_draws(tiny_dvae, tiny_clip):
+def test_device_runs_the_loop_there_from_the_same_draws(tiny_dvae, tiny_clip, test_device):
+    """On the test device (pytest --device cuda, or CLIPGUIDE_TEST_DEVICE; the CPU by default) the
+    loop starts from the CPU's draws: the same first loss, to float tolerance."""
     import copy
 
     cpu = optimise(cfg_of(steps=1), tiny_dvae, tiny_clip)
-    decoder, clip = copy.deepcopy(tiny_dvae).to("cuda"), copy.deepcopy(tiny_clip).to("cuda")
-    gpu = optimise(cfg_of(steps=1, device="cuda"), decoder, clip)
-    assert gpu.config.device == "cuda"
-    torch.testing.assert_close(gpu.losses[0], cpu.losses[0], rtol=1e-3, atol=1e-4)
+    decoder, clip = copy.deepcopy(tiny_dvae).to(test_device), copy.deepcopy(tiny_clip).to(test_device)
+    there = optimise(cfg_of(steps=1, device=test_device), decoder, clip)
+    assert there.config.device == test_device and there.images.device.type == "cpu"
+    torch.testing.assert_close(there.losses[0], cpu.losses[0], rtol=1e-3, atol=1e-4)
 
 
 # ============================================================================ every field is covered
 
 # fields whose effect is checked in another file: field -> the test that checks it
 CHECKED_ELSEWHERE = {
+    "compile": "test_gpu_path.py::test_compile_compiles_the_decoder_and_clip_and_keeps_the_arithmetic",
     "prompts": "test_loop.py::test_run_in_batch_starts_like_solo_run",
     "seed": "test_loop.py::test_same_seed_same_image_bit_for_bit",
     "steps": "test_loop.py::test_snapshot_k_equals_final_image_of_k_step_run",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..records.images import load_image, pil_to_tensor
 from .interfaces import CodebookDecoder, LogitEncoder
-from .ops import gumbel_noise, replace_grad, vector_quantize
+from .ops import gumbel_noise, replace_grad, sample_codes, vector_quantize
 
 if TYPE_CHECKING:  # the config imports the engine's tables of names
     from ..config import RunConfig
@@ -184,8 +184,7 @@ class Categorical(Latent):
 
     def relax(self, generators):
         probs = self.probs()
-        idx = torch.stack([torch.multinomial(p.detach().cpu(), 1, generator=g)[:, 0] for p, g in zip(probs, generators)])
-        one_hot = F.one_hot(idx.to(probs.device), self.vocab).to(probs.dtype)
+        one_hot = F.one_hot(sample_codes(probs, generators), self.vocab).to(probs.dtype)
         return self._grid(replace_grad(one_hot, probs))
 
     def display(self, mode):
@@ -211,7 +210,7 @@ class ParitySoftmax(Latent):
         b = self.param.shape[0]
         x = (self.beta * self.logits()).reshape(b, self.vocab // 2, -1)
         if self.noisy and generators is not None:
-            x = x + torch.stack([gumbel_noise(x.shape[1:], g, x.device) for g in generators])
+            x = x + gumbel_noise(x.shape[1:], generators, x.device)
         return x
 
     def relax(self, generators):
@@ -233,7 +232,7 @@ class SpatialGumbel(Latent):
     def relax(self, generators):
         b = self.param.shape[0]
         x = (self.beta * self.logits()).reshape(b, self.vocab, -1)
-        x = x + torch.stack([gumbel_noise(x.shape[1:], g, x.device) for g in generators])
+        x = x + gumbel_noise(x.shape[1:], generators, x.device)
         return x.softmax(-1).view(self.param.shape)
 
     def display(self, mode):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..errors import ConfigError, NonFiniteError
-from .devices import AUTO
+from .devices import AUTO, compiled, to_host
 from .latents import Latent, check_latent, make_latent
 from .objective import Objective, View, prompt_objective
 from .prompts import encode_targets
@@ -91,6 +91,14 @@ def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return OPTIMISER_CLASSES[cfg.optimiser](params, cfg)
 
 
+COMPILED = {"decoder": ("decode", "decode_z"), "clip": ("encode_image",)}  # what --compile compiles
+
+
+def cast_decoder(cfg: RunConfig, decoder):
+    """The decoder in ``cfg.precision`` (cast once per run, not per step), compiled with ``cfg.compile``."""
+    return compiled(decoder.cast(DTYPES[cfg.precision]), COMPILED["decoder"], cfg.compile)
+
+
 class Step:
     """One step of a batch of runs: the latent rendered, judged by the objective, and (with ``backward``)
     the objective's gradient back-propagated into the latent in one pass."""
@@ -103,8 +111,8 @@ class Step:
         """The step of the default objective (:func:`~clipguide.engine.objective.prompt_objective`), with
         the decoder and CLIP cast to ``cfg.precision`` (once per run, not per step)."""
         dtype = DTYPES[cfg.precision]
-        objective = prompt_objective(cfg, clip.cast(dtype), targets, prior)
-        return cls(Renderer(cfg, decoder.cast(dtype), latent, seeds), objective)
+        objective = prompt_objective(cfg, compiled(clip.cast(dtype), COMPILED["clip"], cfg.compile), targets, prior)
+        return cls(Renderer(cfg, cast_decoder(cfg, decoder), latent, seeds), objective)
 
     @property
     def latent(self) -> Latent:
@@ -155,7 +163,7 @@ def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool
             guide = step.objective.guide
             latent.restart(propose(cfg, prior, step.renderer.decoder, guide.clip, guide.targets, seeds))
     else:
-        step = Step(Renderer(cfg, decoder.cast(DTYPES[cfg.precision]), latent, seeds), objective)
+        step = Step(Renderer(cfg, cast_decoder(cfg, decoder), latent, seeds), objective)
     models = describe_models(decoder, clip, cfg, prior if cfg.prior else None)
     return Loop(cfg, runs, gens, step, make_optimiser(cfg, [latent.param]), models)
 
@@ -226,14 +234,27 @@ def drive(loop: Loop, callbacks: list, resume_from: Checkpoint | None) -> Result
 
 
 def evaluate_step(loop: Loop, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step ``k``'s per-run loss and similarity on the CPU, its gradient accumulated unless it is the last."""
+    """Step ``k``'s per-run loss and similarity on the CPU, its gradient accumulated unless it is the last.
+
+    The step reads the device once: loss, similarity and the finiteness of the latent (before the
+    forward) and of the loss come back in one copy (:func:`to_host`), so a GPU queues the next step's
+    work without waiting for the host more than that (on a GPU a NaN latent is named after its forward)."""
     last = k == loop.cfg.steps
-    check_finite(loop.latent.param, "latent", k, loop.runs)
+    latent_ok = finite_runs(loop.latent.param, len(loop.runs))
+    if latent_ok.device.type == "cpu":  # free there, and the CPU's sampler refuses NaN probabilities
+        check_finite(latent_ok, "latent", k, loop.runs)
     loop.opt.zero_grad(set_to_none=True)
     with torch.no_grad() if last else contextlib.nullcontext():
         loss, sim = loop.step.forward(loop.gens, k, backward=not last)
-    check_finite(loss, "loss", k, loop.runs)
-    return loss.detach().cpu(), sim.cpu()
+    loss, sim, latent_ok, loss_ok = to_host(loss.detach(), sim, latent_ok, finite_runs(loss, len(loop.runs)))
+    check_finite(latent_ok, "latent", k, loop.runs)
+    check_finite(loss_ok, "loss", k, loop.runs)
+    return loss, sim
+
+
+def finite_runs(x: torch.Tensor, runs: int) -> torch.Tensor:
+    """Per run, whether ``x`` (loss [B] or latent [B, ...]) is finite: a [B] bool tensor where ``x`` is."""
+    return torch.isfinite(x.detach()).reshape(runs, -1).all(1)
 
 
 def update(loop: Loop, k: int) -> None:
@@ -244,9 +265,9 @@ def update(loop: Loop, k: int) -> None:
     loop.latent.end_step()
 
 
-def check_finite(x: torch.Tensor, what: str, step: int, runs: list) -> None:
-    """Raise :class:`NonFiniteError` naming the runs whose ``x`` (loss [B] or latent [B, ...]) has a NaN or inf."""
-    ok = torch.isfinite(x.detach()).reshape(len(runs), -1).all(1)
+def check_finite(ok: torch.Tensor, what: str, step: int, runs: list) -> None:
+    """Raise :class:`NonFiniteError` naming the runs whose ``what`` (loss or latent) is not finite (``ok``: [B],
+    from :func:`finite_runs`, on the CPU)."""
     if bool(ok.all()):
         return
     bad = [i for i in range(len(runs)) if not ok[i]]

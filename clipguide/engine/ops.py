@@ -89,16 +89,47 @@ def resample(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(y.view(n, c, h, w), size=(size, size), mode="bicubic", align_corners=True)
 
 
-def gumbel_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    """Standard Gumbel noise drawn from an explicit generator (F.gumbel_softmax uses the global RNG)."""
-    u = torch.rand(shape, generator=generator).clamp_(1e-10, 1.0)
-    return (-torch.log(-torch.log(u))).to(device)
+def uniform_draws(shape, generators, device, dtype=torch.float32) -> torch.Tensor:
+    """[len(generators), *shape] uniforms in [0, 1), run r's from ``generators[r]`` (CPU generators, so a
+    seed means the same on every device), drawn into one buffer -- pinned for CUDA, so that its one copy
+    to ``device`` is asynchronous -- and moved once.  ``torch.rand(shape, generator=g)`` per run, exactly."""
+    device = torch.device(device)
+    buf = torch.empty((len(generators), *shape), dtype=dtype, pin_memory=device.type == "cuda")
+    for row, g in zip(buf, generators):
+        row.uniform_(generator=g)
+    return buf if device.type == "cpu" else buf.to(device, non_blocking=True)
 
 
-def laplace_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    """Standard Laplace(0, 1) noise by inverse CDF, from an explicit generator."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64) - 0.5
-    return (-torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 1e-12))).float().to(device)
+def gumbel_noise(shape, generators, device) -> torch.Tensor:
+    """Standard Gumbel noise [B, *shape], run r's from ``generators[r]`` (F.gumbel_softmax uses the global
+    RNG); the transform runs on ``device``."""
+    u = uniform_draws(shape, generators, device).clamp_(1e-10, 1.0)
+    return -torch.log(-torch.log(u))
+
+
+def laplace_noise(shape, generators, device) -> torch.Tensor:
+    """Standard Laplace(0, 1) noise [B, *shape] by inverse CDF, run r's from ``generators[r]``."""
+    u = uniform_draws(shape, generators, device, torch.float64) - 0.5
+    return (-torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 1e-12))).float()
+
+
+def sample_codes(probs: torch.Tensor, generators) -> torch.Tensor:
+    """One code per position [B, L] from probabilities [B, L, V], run r's from ``generators[r]``.
+
+    On the CPU: ``torch.multinomial`` (Crowson's call; its exponential race draws L x V numbers).  On
+    another device the probabilities stay there: the inverse CDF of one uniform per position, drawn
+    on the CPU and moved in one copy (L numbers instead of L x V, and no device-to-host copy of
+    [B, L, V]).  Both sample the same distribution from the same generator, but not the same codes."""
+    if probs.device.type == "cpu":
+        return torch.stack([torch.multinomial(p.detach(), 1, generator=g)[:, 0] for p, g in zip(probs, generators)])
+    return inverse_cdf_codes(probs, uniform_draws(probs.shape[1:2], generators, probs.device, torch.float64))
+
+
+def inverse_cdf_codes(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The code at each position [B, L] whose cumulative probability first exceeds ``u`` [B, L] x the total."""
+    cdf = probs.detach().double().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
 
 
 def tv_loss(x: torch.Tensor) -> torch.Tensor:

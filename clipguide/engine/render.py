@@ -24,8 +24,7 @@ class Renderer:
         """Crowson's Laplace output noise (dVAE presets), one draw per run from its generator, or None."""
         if not self.cfg.noise_scale:
             return None
-        n = torch.stack([laplace_noise(shape, g, self.cfg.device) for g in gens])
-        return self.cfg.noise_scale * n
+        return self.cfg.noise_scale * laplace_noise(shape, gens, self.cfg.device)
 
     def decode(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] of a value ``x`` of the latent, differentiable in it: Crowson's

@@ -129,4 +129,14 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "command": shlex.join(sys.argv),  # the command line that made the files
+        "backends": backend_settings(),
     }
+
+
+def backend_settings() -> dict:
+    """The torch settings that change a GPU's arithmetic (clipguide leaves torch's defaults: fp32 matrix
+    products in full precision, cuDNN convolutions allowed TF32), recorded so a figure can be matched."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
