@@ -1,7 +1,7 @@
 """Points per hour of a 16-point shapes sweep (4 prompts x 4 seeds), three ways, in one run:
 
 * local sequential: each point its own run (``max_batch`` 1), this process, --threads threads;
-* local batched: points that may share a batch in one optimise call (``max_batch`` 16), the same threads;
+* local batched: points that may share a batch in one optimise call (``max_batch`` 4, 16), the same threads;
 * Ray: a task per point on a local Ray with --workers CPUs, one torch thread per task.
 
 Each sweep writes its folders as a user's would (snapshots, manifests, checkpoints, results).  The
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=50, help="steps per point")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the local sweeps")
     p.add_argument("--workers", type=int, default=2, help="CPUs of the local Ray (one task per CPU)")
+    p.add_argument("--batches", default="4,16", help="max_batch values of the local batched rows")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = {"preset": "shapes", "steps": args.steps, "snapshots": [], "axes": {"prompt": PROMPTS, "seed": [0, 1, 2, 3]}}
@@ -47,7 +48,8 @@ def main(argv=None) -> None:
         tmp = Path(tmp)
         sweep({**spec, "steps": 1, "max_batch": 1}, tmp / "warm", progress=False)  # models loaded and cached once
         rows.append(("local sequential", timed_sweep({**spec, "max_batch": 1}, tmp / "seq")))
-        rows.append(("local batched (16)", timed_sweep({**spec, "max_batch": 16}, tmp / "batch")))
+        for b in map(int, args.batches.split(",")):
+            rows.append((f"local batched ({b})", timed_sweep({**spec, "max_batch": b}, tmp / f"batch{b}")))
         import ray  # the [ray] extra
 
         start = time.perf_counter()

@@ -22,6 +22,7 @@ from clipguide.sweeps.spec import SweepSpec
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 # the shapes default's size and cutouts: there batched runs are bit-identical to runs alone (see test below)
 SMALLEST = {"preset": "shapes", "steps": 4, "axes": {"prompt": PROMPTS, "seed": [0, 1]}}
+BATCHED = {**SMALLEST, "max_batch": 8}  # on the CPU the local executor batches only when asked
 
 
 def pixels(path) -> np.ndarray:
@@ -86,7 +87,9 @@ def test_a_bad_spec_is_one_line_exit_2_and_nothing_starts(spec, message, tmp_pat
 
 
 def test_a_batched_local_sweep_equals_each_point_run_alone(tmp_path):
-    result = sweep(SMALLEST, tmp_path / "sweep", progress=False)
+    assert sweep(SMALLEST, tmp_path / "default", progress=False).counts["done"] == 4
+    assert json.loads((tmp_path / "default" / "sweep.json").read_text())["max_batch"] == 1  # the CPU's default
+    result = sweep(BATCHED, tmp_path / "sweep", progress=False)
     assert result.complete and len({p["run_dir"] for p in result.points}) == 1  # one batch of four runs
     for p, image in zip(result.points, final_images(result)):
         alone = generate(p["values"]["prompt"], "shapes", steps=4, seed=p["values"]["seed"], snapshots=(),
@@ -161,7 +164,7 @@ def local_ray():
 
 
 def test_a_sweep_on_ray_gives_the_images_of_the_local_sweep(local_ray, tmp_path):
-    local = sweep(SMALLEST, tmp_path / "local", progress=False)
+    local = sweep(BATCHED, tmp_path / "local", progress=False)
     on_ray = sweep(SMALLEST, tmp_path / "ray", "ray", progress=False)
     assert on_ray.complete and len({p["run_dir"] for p in on_ray.points}) == 4  # one task per point
     for a, b in zip(final_images(local), final_images(on_ray)):

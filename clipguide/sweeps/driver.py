@@ -93,7 +93,8 @@ def open_ledger(spec: SweepSpec, out: Path, runner, overwrite: bool) -> tuple[di
     """The sweep's ledger (the one in ``out`` when it holds this sweep) and its runs; refuses another sweep's folder."""
     points = spec.points()
     old = read_ledger(out) if out.is_dir() else None
-    max_batch = spec.options.get("max_batch") or (old or {}).get("max_batch") or runner.default_max_batch
+    max_batch = (spec.options.get("max_batch") or (old or {}).get("max_batch")
+                 or runner.default_max_batch(points[0].config.device))
     groups = group_points(points, max_batch)
     ledger = new_ledger(spec, points, groups, max_batch)
     if old is not None and not overwrite:

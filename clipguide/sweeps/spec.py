@@ -29,7 +29,8 @@ SWEEP_KEYS = {
     "prompt": "the prompt of every point, when prompt is not an axis",
     "axes": "axis name -> list of values (or {\"file\": PATH}), expanded to a grid",
     "zip": "lists of axes that vary together (equal lengths) instead of across each other",
-    "max_batch": "runs optimised together at most, among points that differ only in prompt and seed [local 8, ray 1]",
+    "max_batch": "runs optimised together at most, among points that differ only in prompt and seed "
+                 "[local: 8 on a GPU, 1 on the CPU; ray: 1]",
     "checkpoint_every": "steps between checkpoints of each run [the run's default]",
     "score": "a CLIP spec: record each point's CLIP score against its prompt with it",
     "classify": "{\"labels\": \"imagenet\" or a list, \"clip\": SPEC}: classify each final image zero-shot",
