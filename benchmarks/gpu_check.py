@@ -286,6 +286,9 @@ def section_step_time(ctx, out: dict) -> None:
         for precision in PRECISIONS:
             attempt(rows, {"preset": preset, "precision": precision},
                     lambda: measure(ctx.models, preset, precision, ctx.sizes))
+    height = ctx.sizes.size * 3 // 4  # a non-square image (--size W,H): the grid, cutouts and noise follow
+    attempt(rows, {"preset": "dvae-codebook", "precision": "bf16", "height": height},
+            lambda: measure(ctx.models, "dvae-codebook", "bf16", ctx.sizes, height=height))
 
 
 def section_batch(ctx, out: dict) -> None:

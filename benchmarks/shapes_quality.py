@@ -11,6 +11,13 @@ CLIP: the same latent and schedule pulled toward one true render per prompt by p
 (a high rate there puts the misses on the CLIP objective, not on what the latent can draw).
 
     python benchmarks/shapes_quality.py --prompts 32 --steps 300 --threads 2
+
+``--prior-stages`` first adds one row per stage of the token prior (``--stages``, ``--candidates`` as a comma
+list, ``--shortlist`` for two-stage scoring) and, with ``--coverage``, how often the prompt's scene is among
+the candidates at all (the judge on every one: a diagnosis, not part of generation):
+
+    python benchmarks/shapes_quality.py --prompts 8 --threads 1 --presets '' --prior-stages \
+        --stages rerank,refine --candidates 256 --shortlist 32 --prior-scale 8 --coverage
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 from clipguide.models.decoders import DECODERS
 from clipguide.models.loading import load_models, load_prior_of
 from clipguide.presets import PRESETS, get_preset
-from clipguide.shapes.quality import SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, judge_proposals, prompt_split
+from clipguide.shapes.quality import (SEARCH_MARGIN, evaluate, fit_gaps, fit_renders, judge_proposals, pool_coverage,
+                                       pool_share, prompt_split)
 
 SHAPES_MODELS = dict(decoder="shapes-dvae", clip="shapes", size=128)
 SHAPES_VQGAN = "shapes-vqgan"  # replaces the dVAE for presets made for a taming VQGAN
@@ -45,20 +53,58 @@ def print_row(name: str, m: dict) -> None:
           f"{m['match_all']:7.3f} {sim} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
 
 
+STAGES = ("sample", "rerank", "refine", "refine-term", "term")  # --stages: the rows of --prior-stages
+
+
+def prior_stages(args) -> list[tuple[str, dict, bool]]:
+    """(row name, config fields, refined?) of the chosen --stages, the rerank stages once per --candidates."""
+    w, s, k = args.prior_weight, args.prior_scale, args.shortlist
+    chosen, rows = args.stages.split(","), []
+    if set(chosen) - set(STAGES):  # a misspelt stage would otherwise just print no row
+        raise SystemExit(f"--stages takes {','.join(STAGES)}, got {args.stages}")
+    if "sample" in chosen:
+        rows.append(("prior sample", dict(prior_candidates=1), False))
+    for n in (int(c) for c in args.candidates.split(",")):
+        rerank = dict(prior_candidates=n, prior_shortlist=min(k, n))
+        name = f"rerank {n}" + (f"/{k}" if 0 < k < n else "")
+        rows += [(name, rerank, False)] if "rerank" in chosen else []
+        rows += [(f"{name} + refine", dict(rerank, init_scale=s), True)] if "refine" in chosen else []
+        if "refine-term" in chosen:
+            rows.append((f"{name} + refine + term {w}", dict(rerank, init_scale=s, prior_weight=w), True))
+    if "term" in chosen:
+        rows.append((f"refine + term {w}", dict(prior_weight=w), True))
+    return rows
+
+
+def print_coverage(cfg, decoder, prior, pairs) -> dict:
+    """Diagnosis, not a stage: how often the prompt's exact scene is among a run's candidates (the judge
+    on every one), and the pool size at which it would be for 90 % of the prompts at the measured rates."""
+    c = pool_coverage(cfg, decoder, prior, pairs)
+    wanted = [t for _, t in pairs]
+    sizes = [2 ** e for e in range(6, 21)]
+    grow = ", ".join(f"{n}: {pool_share(c['frequency'], wanted, n):.2f}" for n in sizes[::2])
+    enough = next((n for n in sizes if pool_share(c["frequency"], wanted, n) >= 0.9), None)
+    unseen = sum(tuple(t) not in c["frequency"] for t in wanted)
+    print(f"{'':20s} pool of {cfg.prior_candidates}: the prompt's scene is in it for {c['in_pool']:.3f} of the runs "
+          f"(samples per prompt {c['hits']}); judged clean {c['clean']:.2f}, {len(c['frequency'])} scenes seen; "
+          f"expected share in a pool of N at these rates: {grow}; 90 % at N = {enough or 'never'} "
+          f"({unseen} of {len(wanted)} prompts' scenes never sampled)", flush=True)
+    return {"pool": cfg.prior_candidates, "in_pool": c["in_pool"], "hits": c["hits"], "clean": c["clean"],
+            "scenes_seen": len(c["frequency"]), "n_for_90": enough}
+
+
 def prior_rows(args, pairs, overrides) -> list[dict]:
-    """One row per stage of the prior on the shapes default: its samples, the best of --candidates by CLIP
-    (rerank), that start refined by the loop (300 steps), with the prior term, and the term alone."""
+    """One row per stage of the prior on the shapes default (see :func:`prior_stages`): its samples, the best
+    of --candidates by CLIP (rerank; --shortlist scores them in two stages), that start refined by the loop,
+    with the prior term, and the term alone; --coverage first judges every candidate of each pool."""
     base = get_preset("shapes").replace(steps=args.steps, batch=args.seeds, snapshots=(), **overrides)
     decoder, clip = load_models(base)
     prior = load_prior_of(base.replace(prior=args.prior, prior_candidates=1))
-    n, w = args.candidates, args.prior_weight
-    s = args.prior_scale
-    stages = [("prior sample", dict(prior_candidates=1), False), (f"rerank {n}", dict(prior_candidates=n), False),
-              (f"rerank {n} + refine", dict(prior_candidates=n, init_scale=s), True),
-              (f"rerank {n} + refine + term {w}", dict(prior_candidates=n, init_scale=s, prior_weight=w), True),
-              (f"refine + term {w}", dict(prior_weight=w), True)]
     rows = []
-    for name, fields, refine in stages:
+    if args.coverage:
+        for n in (int(c) for c in args.candidates.split(",")):
+            rows.append(print_coverage(base.replace(prior=args.prior, prior_candidates=n), decoder, prior, pairs))
+    for name, fields, refine in prior_stages(args):
         cfg = base.replace(prior=args.prior, **fields)
         m = evaluate(cfg, decoder, clip, pairs, prior=prior) if refine else judge_proposals(cfg, decoder, clip, prior, pairs)
         print_row(name, m)
@@ -81,7 +127,12 @@ def main(argv=None):
     p.add_argument("--prior-stages", action="store_true",
                    help="first, one row per stage of the token prior (samples, rerank, + refinement, + its term)")
     p.add_argument("--prior", default="shapes-prior", help="the prior of --prior-stages")
-    p.add_argument("--candidates", type=int, default=64, help="candidates per run for the rerank stages")
+    p.add_argument("--candidates", default="64", help="candidates per run for the rerank stages (a comma list: rows for each)")
+    p.add_argument("--shortlist", type=int, default=0,
+                   help="--prior-shortlist of the rerank stages: all candidates seen once whole, this many best over the cutouts")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"the --prior-stages rows to run, of {','.join(STAGES)}")
+    p.add_argument("--coverage", action="store_true",
+                   help="with --prior-stages: judge every candidate (diagnosis): is the prompt's scene in the pool?")
     p.add_argument("--prior-weight", type=float, default=0.1, help="the prior term's weight in its stages")
     p.add_argument("--prior-scale", type=float, default=8.0, help="--init-scale of the rerank stages: the chosen codes' logit")
     args = p.parse_args(argv)
@@ -94,7 +145,7 @@ def main(argv=None):
     print(f"{'preset':20s} {'colour':>7s} {'shape':>7s} {'bg':>7s} {'all':>7s} {'sim':>7s} {'steps1st':>8s} {'s/prompt':>8s}")
     if args.prior_stages:
         rows += prior_rows(args, pairs, overrides)
-    for name in args.presets.split(","):
+    for name in filter(None, args.presets.split(",")):  # --presets '' runs the prior's rows alone
         # --set wins over the shapes-world models, so a local checkpoint can stand in (--set 'clip="DIR/x.json"')
         cfg = get_preset(name).replace(**{**shapes_models(name), "steps": args.steps, "batch": args.seeds, "snapshots": (),
                                           **overrides})

@@ -7,6 +7,7 @@ issue 8 (real architectures, random weights), ``shapes`` the shipped shapes-worl
 Images per hour are for a run of --run-steps steps; "sequential" is N runs of batch 1.
 
     python benchmarks/throughput.py --threads 2 --batches 1,4,16 --precision bf16
+    python benchmarks/throughput.py --height 192   # dvae256 at 256 x 192 (a non-square image)
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed steps per batch size (after a warm-up step)")
     p.add_argument("--run-steps", type=int, default=4000, help="steps of one run, for images per hour")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--height", type=int, default=0, help="image height in pixels (0: the workload's square)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg, decoder, clip = workload(args.workload)
     decoder, clip = decoder.to(args.device), clip.to(args.device)
-    cfg = cfg.replace(precision=args.precision, device=args.device, prompts=("a red circle on a blue background",))
-    print(f"{args.workload} ({cfg.size}px, {cfg.cutn} cutouts, {args.precision}) on {args.device}; torch {torch.__version__}, "
+    cfg = cfg.replace(precision=args.precision, device=args.device, prompts=("a red circle on a blue background",),
+                      height=args.height)
+    width, height = cfg.dims()
+    print(f"{args.workload} ({width}x{height}px, {cfg.cutn} cutouts, {args.precision}) on {args.device}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); images/hour for {args.run_steps}-step runs")
     print(f"{'N':>3s} {'s/step':>8s} {'s/step/run':>10s} {'images/h':>9s} {'vs sequential':>13s}")
     single = None

@@ -1,4 +1,4 @@
-"""Command line: ``clipguide generate | blend | resume | lineage | presets | models | train-shapes``
+"""Command line: ``clipguide generate | blend | resume | lineage | video | presets | models | train-shapes``
 and the audits (``classify | audit-bias | score | calibrate-filter``).
 
 Every user error is one line on stderr and exit code 2; Ctrl-C writes a final snapshot and exits

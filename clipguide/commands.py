@@ -20,7 +20,7 @@ from .audit.classification import TEMPLATE_SETS, classify, resolve_clip
 from .audit.output_filter import ACTIONS, calibrate, from_flags, shapes_sets
 from .audit.scores import record_scores, score_runs
 from .catalogue import format_models, format_presets
-from .config import GROUPS, RunConfig, field_types, short_value
+from .config import GROUPS, RunConfig, field_types, parse_size, short_value
 from .engine.loop import check_fits
 from .engine.prompts import blend_prompt, run_parents
 from .errors import (
@@ -42,6 +42,7 @@ from .records.lineage import (
     lineage,
     run_prompt,
 )
+from .records.video import FORMATS as VIDEO_FORMATS, MAX_FPS, write_video
 from .run.checkpoints import DEFAULT_EVERY
 from .run.generation import make_config, vocabulary_note
 from .run.resume import open_run
@@ -72,6 +73,14 @@ def _tuple_parser(item_type):
     return parse
 
 
+def _size_parser(text: str):
+    """``--size``: N, W,H or WxH (:func:`~clipguide.config.parse_size`; RunConfig splits the pair)."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",), sections=None) -> None:
     """One flag per RunConfig field, default None (= the preset's value), in the ``sections``
     (:func:`add_sections`) of its group; its help shows the default preset's value."""
@@ -86,10 +95,13 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=("prompts",), section
         kw = {"default": None, "help": f"{help_text} [{short_value(getattr(defaults, f.name))}]", "dest": f.name}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif f.name == "size":  # N, or W,H / WxH for a width and a height (nerdyrodent's -s W H)
+            kw["type"], kw["metavar"] = _size_parser, "N|W,H"
         elif typing.get_origin(kind) is tuple:
-            kw["type"], kw["metavar"] = _tuple_parser(typing.get_args(kind)[0]), "A,B,..."
+            item = str if f.name == "snapshots" else typing.get_args(kind)[0]  # steps and every:N; RunConfig parses them
+            kw["type"], kw["metavar"] = _tuple_parser(item), "A,B,..."
         else:
-            kw["type"] = kind
+            kw["type"] = str.lower if f.metadata.get("casefold") else kind
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             elif kind in (int, float):
@@ -142,6 +154,7 @@ def build_parser() -> Parser:
     t = sub.add_parser("train-shapes", help="train the shapes-world models (arguments go to clipguide.shapes.train)", add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER)
     add_audit_commands(sub, DEFAULT_PRESET)
+    add_video_command(sub)
     return p
 
 
@@ -159,7 +172,7 @@ def add_run_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     out.add_argument("--checkpoint-every", type=_count(0), default=DEFAULT_EVERY, metavar="N",
                      help=f"write RUN_DIR/{FILENAME} every N steps and at every snapshot, for clipguide resume "
-                          f"(0: only at snapshots; results do not depend on it) [{DEFAULT_EVERY}]")
+                          f"(0: only at the listed snapshots, not every:N's; results do not depend on it) [{DEFAULT_EVERY}]")
     sections["speed"].add_argument("--threads", type=_count(1), default=None, metavar="N",
                                    help="torch CPU threads; on a busy machine fewer can be faster (results are bit-identical "
                                         "only at the same count) [torch's default: OMP_NUM_THREADS, else one per core]")
@@ -552,5 +565,22 @@ def cmd_calibrate_filter(args) -> int:
     return 0
 
 
-COMMANDS.update({"classify": cmd_classify, "audit-bias": cmd_audit_bias, "score": cmd_score,
+def add_video_command(sub) -> None:
+    """The ``video`` subcommand's parser (commands.py registers it and :func:`cmd_video`)."""
+    v = sub.add_parser("video", help="assemble a run's snapshots into an animation (gif, webp; mp4 with clipguide[video])")
+    v.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory (--out of generate)")
+    v.add_argument("--fps", type=float, default=10.0, metavar="N", help=f"frames (snapshots) per second, up to {MAX_FPS:g} [10]")
+    v.add_argument("--format", choices=VIDEO_FORMATS, default=None,
+                   help="gif or webp (Pillow), mp4 (ffmpeg from imageio-ffmpeg) [--out's suffix, else gif]")
+    v.add_argument("--out", type=Path, default=None, metavar="FILE", help="the file to write [RUN_DIR[/run_NN]/video.FORMAT]")
+    v.add_argument("--run", type=int, default=0, metavar="I", help="which run of a batch (its run_NN folder) [0]")
+
+
+def cmd_video(args) -> int:
+    out = write_video(args.run_dir, args.out, args.format, args.fps, args.run)
+    print(out)
+    return 0
+
+
+COMMANDS.update({"classify": cmd_classify, "audit-bias": cmd_audit_bias, "score": cmd_score, "video": cmd_video,
                  "calibrate-filter": cmd_calibrate_filter})

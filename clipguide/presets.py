@@ -148,6 +148,29 @@ _add(
 )
 
 
+# nerdyrodent's VQGAN-CLIP generate.py (docs/methods.md §6): its defaults, with its "latest" cutouts.
+_add(
+    "vqgan-nerdyrodent",
+    "nerdyrodent's VQGAN-CLIP generate.py (2021-2022): Crowson's z+quantize on ImageNet f16 16384, Adam 0.1, 32 "
+    "cutouts that are each the whole image (average+max pooled) through Kornia's Af,Pe,Ji,Er augmentations and "
+    "U(0, 0.1)-scaled noise per cutout, spherical loss, 500 steps; --init-weight pulls toward zero with a weight "
+    "decaying as 1/(2·step + 1) (docs/methods.md §6). Needs pip install 'clipguide[kornia]'.",
+    "Square images: generate.py's -s W H takes any size and defaults to 512x512 on a GPU with more than 8 GB, 304x304 "
+    "below and 256x256 without a GPU; here 512 whatever the device (pass --size). generate.py seeds the global RNG "
+    "(-sd, random by default) only after drawing the initial codes, so its start is not controlled by the seed; here "
+    "the run's seed (0 by default) draws the codes, the augmentations and the noise. Kornia is today's, not the 0.5.4 "
+    "generate.py pins: 'Ji' is ColorJiggle, 0.5.4's ColorJitter under its later name, and the augmentations draw "
+    "their parameters by today's samplers. generate.py's loop makes 501 updates for -i 500 but saves the image "
+    "after 500 (its last check-in); here 500 updates. It rewrites output.png every 50 iterations (-se); here "
+    "--snapshots keeps the steps asked for. Its other cut methods (-cutm original, updated, nrupdated, "
+    "updatedpooling) are not presets: 'original' is --cut crowson --cut-clamp.",
+    decoder="vqgan-imagenet-f16-16384", clip="ViT-B-32/openai", size=512, steps=500, latent="zquantize", init="onehot",
+    display="argmax", cutn=32, cut="pooled", cut_pow=1.0, augments=("Af", "Pe", "Ji", "Er"), cut_noise=0.1,
+    cut_noise_each=True, cut_clamp=False, loss="spherical", optimiser="adam", lr=0.1, init_weight=0.0,
+    init_pull="zero-decay", blacklist=False, noise_scale=0.0,
+)
+
+
 DEFAULT_PRESET = "shapes"
 
 

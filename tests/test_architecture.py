@@ -53,7 +53,8 @@ def test_registries_are_tables_every_entry_resolves():
 def test_every_name_a_config_accepts_runs(field, names, shapes_models):
     """Each name list is its table's keys: every name the config accepts is implemented."""
     decoder, clip = shapes_models
-    extra = {"cut": {"uniform": dict(cut_range=(0.5, 0.9)), "normal": dict(cut_range=(0.8, 0.3, 0.5, 0.98))},
+    extra = {"cut": {"uniform": dict(cut_range=(0.5, 0.9)), "normal": dict(cut_range=(0.8, 0.3, 0.5, 0.98)),
+                     "pooled": dict(cut_whole=0.0, cut_flip=False)},  # every pooled view is whole already
              "init": {"onehot-codes": dict(init_codes=(1, 2, 3))}}
     for name in names:
         change = {field: name, **extra.get(field, {}).get(name, {})}

@@ -418,6 +418,8 @@ def test_replay_of_a_run_interrupted_before_its_first_step():
     ({"init": "onehot-codes"}, "needs --init-codes, e.g."),
     ({"cut": "normal", "cut_range": (0.5, 0.1)}, "--cut normal needs --cut-range with 4 numbers, got 2"),
     ({"init_weight": -0.5}, "--init-weight must be 0 or positive"),
+    ({"augments": ("Af", "Xx")}, "--augments 'Xx' is not one of Ji, Sh, Gn, Pe, Ro, Af, Et, Ts, Cr, Er, Re"),
+    ({"cut": "pooled", "cut_whole": 0.25}, "--cut pooled views the whole image in every cutout"),
     ({"init_weight": float("nan")}, "--init-weight must be 0 or positive"),
 ])
 def test_config_refuses_on_one_line(fields, words):
@@ -452,6 +454,7 @@ def test_devices_refuse_what_is_not_here(monkeypatch):
     (["calibrate-filter", "--concept", "red", "--positives", "a.png"], "give both --positives and --negatives, or neither"),
     (["generate", "x", "--pyramid", "2,four"], "expected comma-separated ints, got '2,four'"),
     (["generate", "x", "--checkpoint-every", "-1"], "expected a whole number >= 0, got '-1'"),
+    (["generate", "x", "--augments", "Af,Pe,Zz"], "--augments 'Zz' is not one of"),
 ])
 def test_cli_refuses_on_one_line_with_exit_2(argv, words, capsys):
     from clipguide.cli import main

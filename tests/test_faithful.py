@@ -5,7 +5,9 @@ resample per cutout, with Crowson's Lanczos resample, then the clamp), vector_qu
 loss with its signed stop -- are spelled out once, in tests/reference.py, and one optimisation step
 of each Crowson preset is compared with them on the same tensors: the same models, the same initial
 latent, and the same random draws (the categorical sample, the Laplace noise and the crop boxes
-come from a copy of the run's own generator, in the order the run draws them)."""
+come from a copy of the run's own generator, in the order the run draws them).  The same is done for
+nerdyrodent's generate.py (docs/methods.md §6) and the vqgan-nerdyrodent preset: its pooled MakeCutouts with
+Kornia's augmentations (seeded from the run's generator), its per-cutout noise and its decaying init_weight pull."""
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from clipguide.engine.latents import make_latent
 from clipguide.engine.losses import spherical_loss
 from clipguide.engine.ops import laplace_noise
 from clipguide.engine.loop import Step
-from clipguide.engine.loop import code_bias, grid_of
+from clipguide.engine.loop import code_bias, grid_of, make_optimiser
 from clipguide.engine.state import make_generators
 from clipguide.presets import get_preset
 from clipguide.engine.prompts import encode_targets
@@ -181,3 +183,75 @@ def test_a_negative_prompt_past_its_stop_stops_pushing():
     loss = spherical_loss(embeds, torch.randn(1, 1, 16, generator=torch.Generator().manual_seed(179)), torch.tensor([[-0.5]]), torch.tensor([[0.2]]))
     loss.sum().backward()
     assert torch.count_nonzero(embeds.grad) == 0
+
+
+# ----------------------------------------------------------------------------- nerdyrodent's generate.py (§6)
+
+
+def nerdyrodent_augments():
+    """generate.py's default -aug Af Pe Ji Er with its parameters, built here (not from clipguide's table).
+    Kornia 0.5.4's ColorJitter, which generate.py pins, is today's ColorJiggle."""
+    import kornia.augmentation as K
+
+    return torch.nn.Sequential(
+        K.RandomAffine(degrees=15, translate=0.1, shear=5, p=0.7, padding_mode="zeros", keepdim=True),
+        K.RandomPerspective(distortion_scale=0.7, p=0.7),
+        K.ColorJiggle(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1, p=0.7),
+        K.RandomErasing(scale=(0.1, 0.4), ratio=(0.3, 1 / 0.3), same_on_batch=True, p=0.7))
+
+
+def nerdyrodent_cutouts(img, cutn, cut_size, g):
+    """generate.py's MakeCutouts ("latest"): cutn copies of (adaptive avg pool + adaptive max pool)/2 of the whole
+    image, the augmentations on the batch, then noise U(0, 0.1) per cutout times N(0, 1); no clamp.  Its global
+    RNG draws come from ``g`` in the run's order: a seed for Kornia's draws, the noise strengths, the noise."""
+    cutouts = [(F.adaptive_avg_pool2d(img, cut_size) + F.adaptive_max_pool2d(img, cut_size)) / 2 for _ in range(cutn)]
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=g))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batch = nerdyrodent_augments()(torch.cat(cutouts, dim=0))
+    facs = batch.new_empty([cutn, 1, 1, 1]).uniform_(0, 0.1, generator=g)
+    return batch + facs * torch.randn(batch.shape, generator=g)
+
+
+def nerdyrodent_step(cfg, vqgan, clip, start, state, i):
+    """ascend_txt() of generate.py at iteration ``i``: synth (vector_quantize, decode, ClampWithGrad), the cutouts
+    normalised and encoded, the init_weight term MSE(z, 0) · (1/(2i + 1) · init_weight)/2, the prompts' losses."""
+    z = start.clone().requires_grad_()
+    z_q = notebook_vector_quantize(z.movedim(1, 3), vqgan.codebook).movedim(3, 1)
+    out = ClampWithGrad.apply((vqgan.decoder(vqgan.post_quant_conv(z_q)) + 1) / 2, 0, 1)
+    cuts = nerdyrodent_cutouts(out, cfg.cutn, clip.image_size, torch.Generator().set_state(state))
+    iii = clip.visual((cuts - clip.mean) / clip.std).float()
+    result = [F.mse_loss(z, torch.zeros_like(z)) * ((1 / torch.tensor(i * 2 + 1)) * cfg.init_weight) / 2]
+    result += [notebook_prompt(iii, embed[None], weight, stop) for embed, weight, stop in text_targets(clip)]
+    loss = sum(result)
+    loss.backward()
+    return loss.detach(), z.grad[0]
+
+
+@pytest.mark.parametrize("init_weight", [0.0, 40.0])
+def test_nerdyrodent_preset_steps_as_generate_py(tiny_clip, vqgan, init_weight):
+    pytest.importorskip("kornia")
+    cfg = crowson("vqgan-nerdyrodent", init_weight=init_weight)
+    gens = make_generators([cfg.seed])
+    latent = make_latent(cfg, vqgan.vocab_size, grid_of(cfg, vqgan), gens, decoder=vqgan)
+    start, state, i = latent.param.detach().clone(), gens[0].get_state(), 2  # at iteration 2 the pull weighs 1/5
+    step = Step.for_prompts(cfg, vqgan, tiny_clip, latent, encode_targets(tiny_clip, list(cfg.prompts), cfg, [cfg.seed]), [cfg.seed])
+    loss, _ = step.forward(gens, i, backward=True)
+    want_loss, want_grad = nerdyrodent_step(cfg, vqgan, tiny_clip, start, state, i)
+    assert abs(float(loss[0]) - float(want_loss)) < 1e-5 * abs(float(want_loss)), (loss, want_loss)
+    assert relative(latent.param.grad[0], want_grad) < 1e-4, relative(latent.param.grad[0], want_grad)
+    if init_weight:  # the pull matters here, and it is toward zero
+        _, free = nerdyrodent_step(cfg.replace(init_weight=0.0), vqgan, tiny_clip, start, state, i)
+        assert relative(want_grad, free) > 0.05
+    # the update: Adam 0.1 on that gradient, then z clamped per channel to the codebook's range (train())
+    z = start.clone().requires_grad_()
+    z.grad = latent.param.grad.clone()
+    torch.optim.Adam([z], lr=0.1).step()
+    box = vqgan.codebook
+    z_min, z_max = box.min(dim=0).values[None, :, None, None], box.max(dim=0).values[None, :, None, None]
+    with torch.no_grad():
+        z.copy_(z.maximum(z_min).minimum(z_max))
+    step.latent.param.grad = latent.param.grad
+    make_optimiser(cfg, [latent.param]).step()
+    latent.end_step()
+    assert torch.allclose(latent.param, z, atol=1e-6)

@@ -17,10 +17,10 @@ from test_options import TINY_VQ
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 # reads of tensors that live on the CPU whatever the device: the cutouts' boxes, drawn from the runs' CPU
-# generators (draw_sizes, draw_offsets, cut_run); the story schedule's phrase counts (Targets.at); Adam's step
+# generators (draw_sizes, draw_offsets, crops, cut_run); the story schedule's phrase counts (Targets.at); Adam's step
 # count (torch.optim's _get_value; a CPU tensor unless the optimiser is capturable); and what to_host brought
 # back (check_finite)
-HOST_SIDE = {"draw_sizes", "draw_offsets", "cut_run", "at", "_get_value", "check_finite"}
+HOST_SIDE = {"draw_sizes", "draw_offsets", "crops", "cut_run", "at", "_get_value", "check_finite"}
 
 
 class ReadCounter:

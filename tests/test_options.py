@@ -110,6 +110,10 @@ def preset_models(name, sharp_dvae, vqgan, gumbel_vqgan):
 # A larger learning rate than the presets' (0.01-0.1) so that 20 steps suffice; spatial Gumbel noise is
 # strong on a 4x4 grid (0.2), and shapes's coarse 4-token cell is the only level learning in 20 steps (1.0).
 RISE_LR = {"aleph2image": 0.2, "shapes": 1.0}
+# vqgan-nerdyrodent's Kornia augmentations (perspective 0.7, erasing up to 40% of a view) and per-cutout noise make
+# one step's similarity over 4 cutouts too noisy to compare (seed 0 rose 0.027); with its own 32 cutouts it rises by
+# 0.03 or more from step 0 over seeds 0-5 (0.076 at seed 0), and by 0.01 or more from the first five.
+RISE_CUTN = {"vqgan-nerdyrodent": 32}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -117,10 +121,11 @@ def test_every_preset_raises_the_clip_similarity_to_its_prompt(name, sharp_dvae,
     """The preset's own loss (spherical or -cosine), latent, relaxation, pixel noise, cutouts and lr/temperature
     schedules, on 32-pixel images with 4 cutouts; only lr is raised.  The similarity of a step is that of its
     own sample and cutouts, so it is noisy: the mean of the last five steps is compared with step 0 and with the
-    mean of the first five.  Over seeds 0-5 both rise by 0.057 or more in every preset; with the loss's sign
-    flipped (cosine_loss without its minus, say) both fall by 0.08 or more instead."""
+    mean of the first five.  Over seeds 0-5 both rise by 0.057 or more in every preset but vqgan-nerdyrodent
+    (RISE_CUTN: at seed 0, the one tested, it passes both bounds); with the loss's sign flipped (cosine_loss
+    without its minus, say) both fall by 0.08 or more instead."""
     lr = RISE_LR.get(name, 0.5)
-    cfg = PRESETS[name].config.replace(prompts=(PROMPT,), size=32, cutn=4, steps=20, lr=lr, device="cpu", seed=0)
+    cfg = PRESETS[name].config.replace(prompts=(PROMPT,), size=32, cutn=RISE_CUTN.get(name, 4), steps=20, lr=lr, device="cpu", seed=0)
     r = optimise(cfg, preset_models(name, sharp_dvae, vqgan, gumbel_vqgan), tiny_clip)
     sims = r.similarities  # [steps + 1, batch]: each step's cutouts against the prompt
     assert r.steps_done == 20 and sims.shape == (21, cfg.batch)
@@ -684,6 +689,12 @@ def test_device_runs_the_loop_there_from_the_same_draws(tiny_dvae, tiny_clip, te
 
 # fields whose effect is checked in another file: field -> the test that checks it
 CHECKED_ELSEWHERE = {
+    "snapshot_every": "test_snapshot_every.py::test_files_manifest_and_result_hold_every_multiple",
+    "optimiser_options": "test_optimisers.py::test_options_reach_the_optimiser_and_change_its_steps",
+    "init_noise": "test_init_noise.py::test_the_run_starts_from_the_encoding_of_its_seeds_image",
+    "augments": "test_augments.py::test_each_augment_changes_the_cutouts_and_the_gradient_reaches_the_image",
+    "cut_noise_each": "test_augments.py::test_cut_noise_each_draws_one_strength_per_cutout",
+    "init_pull": "test_augments.py::test_init_pull_zero_decay_pulls_toward_zero_with_weight_over_2_step_plus_1",
     "compile": "test_gpu_path.py::test_compile_compiles_the_decoder_and_clip_and_keeps_the_arithmetic",
     "prompts": "test_loop.py::test_run_in_batch_starts_like_solo_run",
     "seed": "test_loop.py::test_same_seed_same_image_bit_for_bit",
@@ -698,6 +709,9 @@ CHECKED_ELSEWHERE = {
     "pyramid": "test_pyramid.py::test_coarse_grids_are_upsampled_nearest_and_added",
     "pyramid_every": "test_pyramid.py::test_coarse_to_fine_levels_learn_from_their_steps",
     "init_image": "test_prompts.py::test_dvae_init_image_starts_from_the_encoders_logits_and_pull_is_toward_it",
+    "zoom_every": "test_zoom.py::test_the_image_after_a_zoom_step_is_the_encoding_of_the_zoomed_image_before_it",
+    "zoom_scale": "test_zoom.py::test_the_image_after_a_zoom_step_is_the_encoding_of_the_zoomed_image_before_it",
+    "zoom_shift": "test_zoom.py::test_the_image_after_a_zoom_step_is_the_encoding_of_the_zoomed_image_before_it",
     "init_weight": "test_vqgan.py::test_init_weight_pulls_toward_the_initial_z_not_zero",
     "cutn": "test_loop.py::test_cutout_augmentations_are_seeded_and_whole_views_see_everything",
     "cut_clamp": "test_faithful.py::test_crowson_cutouts_are_clamped_as_makecutouts",
@@ -706,6 +720,8 @@ CHECKED_ELSEWHERE = {
     "prior": "test_prior.py::test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit",
     "prior_candidates": "test_prior.py::test_the_run_starts_from_the_candidate_clip_rates_best",
     "prior_weight": "test_prior.py::test_the_prior_term_adds_its_nll_to_the_loss",
+    "prior_shortlist": "test_prior.py::test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best",
+    "height": "test_sizes.py::test_a_non_square_run_writes_its_size_everywhere_and_resumes_bit_for_bit",
 }
 
 # fields whose effect a test in this file checks: field -> test

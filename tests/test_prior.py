@@ -112,6 +112,33 @@ def test_the_run_starts_from_the_candidate_clip_rates_best(prior_file):
     assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))  # step 0 shows it (and its average)
 
 
+def test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best(prior_file):
+    """Two-stage scoring: all candidates seen once, whole; the --prior-shortlist best of those over the full views."""
+    from clipguide.engine.prompts import encode_targets
+    from clipguide.engine.proposals import candidate_losses, choose, glance, proposal_seed, propose
+
+    cfg = clipguide.get_preset("shapes").replace(prompts=(PROMPT,), prior=str(prior_file), prior_candidates=8,
+                                                  prior_shortlist=3, init_scale=5.0, **SMALL).resolved()
+    decoder, clip = clipguide.load_models(cfg)
+    prior = load_prior(str(prior_file))
+    targets = encode_targets(clip, [PROMPT], cfg, [cfg.seed])
+    embeds, weights, stops = targets.at(0)
+    target, views = (embeds[0], weights[0], stops[0]), proposal_seed(cfg.seed, 1)
+    codes = prior.sample(8, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
+    cheap = candidate_losses(glance(cfg), decoder, clip, codes, target, views)
+    full = candidate_losses(cfg, decoder, clip, codes, target, views)
+    short = cheap.argsort()[:3].tolist()
+    want = min(short, key=lambda i: float(full[i]))
+    assert want != int(full.argmin())  # these candidates tell a shortlist from a plain rerank
+    assert choose(cfg, decoder, clip, codes, target, views) == want
+    start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
+    assert torch.equal(start[0].argmax(0), codes[want])
+    # A shortlist of every candidate is the plain rerank, bit for bit.
+    plain = propose(cfg.replace(prior_shortlist=0), prior, decoder, clip, targets, [cfg.seed])
+    assert torch.equal(propose(cfg.replace(prior_shortlist=8), prior, decoder, clip, targets, [cfg.seed]), plain)
+    assert torch.equal(plain[0].argmax(0), codes[int(full.argmin())])
+
+
 def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
     base = clipguide.generate(PROMPT, **SMALL)
     weighted = clipguide.generate(PROMPT, prior=str(prior_file), prior_weight=1.0, **SMALL)
@@ -126,6 +153,9 @@ def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
     (dict(prior="x.json", prior_weight=-1.0), r"0 \(off\) or more"),
     (dict(prior="x.json", prior_weight=1.0, latent="zquantize", init="onehot"), "not zquantize"),
     (dict(prior="x.json", prior_candidates=2, init_image="x.png"), "drop one"),
+    (dict(prior="x.json", prior_candidates=4, prior_shortlist=5), r"1\.\.--prior-candidates \(4\)"),
+    (dict(prior="x.json", prior_candidates=4, prior_shortlist=-1), "0 \\(off\\)"),
+    (dict(prior="x.json", prior_weight=1.0, prior_shortlist=2), "add --prior-candidates N"),
 ])
 def test_prior_fields_that_do_not_go_together_are_refused(fields, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,8 +2,9 @@
 
 ``crowson`` is Crowson's MakeCutouts (sizes ``u**cut_pow`` between the CLIP input
 size and the image side, Lanczos-filtered resize); ``uniform`` and ``normal`` are
-Aleph2Image's size laws (fractions of the side, bilinear resize, shared noise).
-Every draw comes from the run's own generator, so a run's cutouts do not depend
+Aleph2Image's size laws (fractions of the side, bilinear resize, shared noise);
+``pooled`` is nerdyrodent's "latest" MakeCutouts (every cutout the whole image, pooled to CLIP's
+size, made different by Kornia augmentations, :mod:`.augments`).  Every draw comes from the run's own generator, so a run's cutouts do not depend
 on which other runs share its batch.
 """
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from .augments import augment
 from .ops import clamp_with_grad, resample
 
 if TYPE_CHECKING:  # the config imports the engine's tables of names
@@ -42,6 +44,11 @@ def normal_sizes(cfg: RunConfig, side: int, cut_size: int, g: torch.Generator) -
     return side * (mean + std * torch.randn(cfg.cutn, generator=g, dtype=torch.float64)).clamp(lo, hi)
 
 
+def whole_sizes(cfg: RunConfig, side: int, cut_size: int, g: torch.Generator) -> torch.Tensor:
+    """nerdyrodent's generate.py: every cutout is the whole image (docs/methods.md §6); draws nothing."""
+    return torch.full((cfg.cutn,), float(side), dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class SizeLaw:
     """How a cutout law draws its sizes, and whether its offsets may reach the last pixel (Crowson's
@@ -56,6 +63,7 @@ SIZE_LAWS = {
     "crowson": SizeLaw(crowson_sizes, 1, 0),
     "uniform": SizeLaw(uniform_sizes, 0, 2),
     "normal": SizeLaw(normal_sizes, 0, 4),
+    "pooled": SizeLaw(whole_sizes, 1, 0),
 }
 
 
@@ -70,6 +78,25 @@ def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generat
     if cfg.cut_roll:  # DeepDream's random jitter (Mordvintsev et al. 2015), wrapping round
         shift = torch.randint(-cfg.cut_roll, cfg.cut_roll + 1, (2,), generator=g).tolist()
         image = torch.roll(image, shift, (-2, -1))
+    cuts = pooled_views(image, cfg.cutn, cut_size) if cfg.cut == "pooled" else crops(image, cfg, cut_size, g)
+    if cfg.cut_affine:
+        cuts = random_affine(cuts, cfg.cut_affine, g)
+    if cfg.augments:  # after the crops and before the noise, as nerdyrodent's MakeCutouts
+        cuts = augment(cuts, cfg.augments, g)
+    if cfg.cut_noise:
+        # One strength per run and step shared by its cutouts (Aleph2Image Delta), or one per cutout
+        # (nerdyrodent's MakeCutouts: U(0, 0.1) each), times Gaussian noise.
+        r = torch.rand(len(cuts), 1, 1, 1, generator=g).to(cuts) if cfg.cut_noise_each else torch.rand((), generator=g).item()
+        noise = torch.randn(cuts.shape, generator=g).to(cuts.device)
+        cuts = cuts + cfg.cut_noise * r * noise
+    return clamp_with_grad(cuts, 0, 1) if cfg.cut_clamp else cuts
+
+
+def crops(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generator) -> torch.Tensor:
+    """The random square crops of ``cfg.cut``'s size law, resized to ``cut_size``.  Sizes are of the short
+    side (Crowson's ``max_size = min(sideX, sideY)``) and offsets are drawn per axis, so on a non-square
+    image the crops, the whole views (the short side's square) and their zoomed-out versions range
+    over the long axis too; a view of all of a non-square image, squashed to a square, is ``pooled``'s."""
     side = min(image.shape[-2:])
     sizes = draw_sizes(cfg, side, cut_size, g)
     whole = round(cfg.cut_whole * len(sizes))
@@ -79,15 +106,16 @@ def cut_run(image: torch.Tensor, cfg: RunConfig, cut_size: int, g: torch.Generat
         sizes[len(sizes) - whole :] = [int(side * z) for z in zoom.tolist()]
     offs = draw_offsets(image.shape[-2:], sizes, SIZE_LAWS[cfg.cut].inclusive, g)
     flips = (torch.rand(len(sizes), generator=g) < 0.5).tolist() if cfg.cut_flip else [False] * len(sizes)
-    cuts = crop_resize(image, sizes, offs, flips, cut_size, cfg.cut_resample)
-    if cfg.cut_affine:
-        cuts = random_affine(cuts, cfg.cut_affine, g)
-    if cfg.cut_noise:
-        # One scalar strength per run and step, shared by its cutouts (Aleph2Image Delta).
-        r = torch.rand((), generator=g).item()
-        noise = torch.randn(cuts.shape, generator=g).to(cuts.device)
-        cuts = cuts + cfg.cut_noise * r * noise
-    return clamp_with_grad(cuts, 0, 1) if cfg.cut_clamp else cuts
+    return crop_resize(image, sizes, offs, flips, cut_size, cfg.cut_resample)
+
+
+def pooled_views(image: torch.Tensor, cutn: int, cut_size: int) -> torch.Tensor:
+    """nerdyrodent's "latest" MakeCutouts (docs/methods.md §6): ``cutn`` copies of the whole image pooled to
+    ``cut_size`` as the mean of adaptive average and max pooling; only the augmentations and the noise
+    that follow make them differ.  Max pooling keeps thin bright strokes that averaging would wash out.  A
+    non-square image is pooled to the square whole (squashed, as nerdyrodent's adaptive pooling does)."""
+    pooled = (F.adaptive_avg_pool2d(image[None], cut_size) + F.adaptive_max_pool2d(image[None], cut_size)) / 2
+    return pooled.expand(cutn, -1, -1, -1)
 
 
 def draw_offsets(shape, sizes: list[int], inclusive: int, g: torch.Generator) -> list[list[int]]:

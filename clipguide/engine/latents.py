@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..records.images import load_image, pil_to_tensor
 from .interfaces import CodebookDecoder, LogitEncoder
+from .noise_init import encode_init_noise
 from .ops import gumbel_noise, replace_grad, sample_codes, vector_quantize
 
 if TYPE_CHECKING:  # the config imports the engine's tables of names
@@ -48,7 +49,7 @@ class Latent(torch.nn.Module):
         self.decay, self.floor = cfg.temperature_decay, cfg.temperature_floor
         self.register_buffer("bias", bias if bias is not None else torch.zeros(vocab), persistent=False)
         self.param = torch.nn.Parameter(self.initial(cfg, generators, decoder))
-        self.init_weight = cfg.init_weight
+        self.init_weight, self.init_pull = cfg.init_weight, cfg.init_pull
         self.ema_decay = cfg.ema
         # Persistent buffers and the extra state are the run's state beyond ``param``: ``state_dict()``
         # holds all of it, so a checkpoint (clipguide.run.resume) restores a latent exactly.
@@ -62,6 +63,8 @@ class Latent(torch.nn.Module):
         (and for encoding ``cfg.init_image``)."""
         if cfg.init_image:
             return self.to_param(encode_init_image(cfg, decoder, self.grid, len(generators), "codes"))
+        if cfg.init_noise:  # each run's own noise image, encoded as an init image is
+            return self.to_param(encode_init_noise(cfg, decoder, self.grid, generators, "codes"))
         return self.to_param(init_logits(cfg, self.vocab, self.grid, generators))
 
     @torch.no_grad()
@@ -91,11 +94,14 @@ class Latent(torch.nn.Module):
     def display(self, mode: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def penalty(self) -> torch.Tensor | None:
-        """Per-run regulariser [B] added to the loss, or None: Crowson's pull toward the initial
-        latent, init_weight/2 · MSE(latent, initial latent) (docs/methods.md §4)."""
+    def penalty(self, step: int = 0) -> torch.Tensor | None:
+        """Per-run regulariser [B] added to the loss at ``step``, or None: Crowson's pull toward the initial
+        latent, init_weight/2 · MSE(latent, initial latent) (docs/methods.md §4); with ``init_pull``
+        "zero-decay", nerdyrodent's pull toward zero, init_weight/(2·step + 1)/2 · MSE(latent, 0) (§6)."""
         if not self.init_weight:
             return None
+        if self.init_pull == "zero-decay":
+            return self.init_weight / (2 * step + 1) / 2 * self.param.pow(2).flatten(1).mean(1)
         return self.init_weight / 2 * (self.param - self.param_init).pow(2).flatten(1).mean(1)
 
     @contextlib.contextmanager
@@ -257,6 +263,8 @@ class ZQuantize(Latent):
         h, w = self.grid
         if cfg.init_image:  # Crowson: z starts as the VQGAN's (quantized) encoding of the image
             z = encode_init_image(cfg, decoder, self.grid, len(generators), "z").to(codebook)
+        elif cfg.init_noise:
+            z = encode_init_noise(cfg, decoder, self.grid, generators, "z").to(codebook)
         else:
             codes = [draw_codes(cfg, self.vocab, h * w, g, high=self.vocab) for g in generators]
             z = torch.stack([codebook[c.to(codebook.device)].T.reshape(-1, h, w) for c in codes])
@@ -345,10 +353,11 @@ def check_latent(cfg: RunConfig, vocab: int, decoder=None) -> None:
     if cfg.latent == "zquantize" and not codebook:
         raise ConfigError(f"--latent zquantize optimises a VQGAN latent and needs a decoder with a codebook, not {name}: "
                           "pass --decoder shapes-vqgan, vqgan-imagenet-f16-16384 or a taming CONFIG.yaml")
-    if cfg.init_image and cfg.latent != "zquantize":  # (a codebook decoder encodes images into z)
+    if (cfg.init_image or cfg.init_noise) and cfg.latent != "zquantize":  # (a codebook decoder encodes images into z)
         if not isinstance(decoder, LogitEncoder):
             hint = "for a VQGAN use --latent zquantize" if codebook else "use a dVAE with its encoder, or a VQGAN"
-            raise ConfigError(f"--init-image needs a decoder that encodes images (encode_logits), which {name} lacks: {hint}")
+            flag = "--init-image" if cfg.init_image else "--init-noise"
+            raise ConfigError(f"{flag} needs a decoder that encodes images (encode_logits), which {name} lacks: {hint}")
         decoder.check_encoder()  # a dVAE without its encoder, or whose encoder.pkl is missing: refused up front
     if cfg.pyramid and not issubclass(LATENT_CLASSES[cfg.latent], Categorical):
         raise ConfigError(f"--pyramid adds coarse grids to per-position logits: use it with --latent categorical or softmax, "

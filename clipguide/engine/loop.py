@@ -19,13 +19,16 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..errors import ConfigError, NonFiniteError
+from .augments import require_kornia
 from .devices import AUTO, compiled, to_host
 from .latents import Latent, check_latent, make_latent
 from .objective import Objective, View, prompt_objective
+from .optimisers import OPTIMISER_CLASSES, make_optimiser  # noqa: F401 - the table lives there
 from .prompts import encode_targets
 from .proposals import check_prior, propose
 from .render import Renderer
 from .state import DTYPES, Checkpoint, Result, StepState, capture, make_generators
+from .zoom import Zoom, check_zoom, make_zoom
 
 if TYPE_CHECKING:  # the config imports the engine's tables of names
     from ..config import RunConfig
@@ -38,7 +41,8 @@ def describe_models(decoder, clip, cfg: RunConfig | None = None, prior=None) -> 
     With ``cfg``: a run with an init image also records a dVAE encoder kept in its own file (OpenAI's
     encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only."""
     clip_record = None if clip is None else {"name": clip.name, "sha256": clip.sha256, "image_size": clip.image_size}
-    record = {"decoder": decoder.describe(encoder=cfg is not None and bool(cfg.init_image)), "clip": clip_record}
+    encodes = cfg is not None and bool(cfg.init_image or cfg.init_noise or cfg.zoom_every)  # the zoom re-encodes too
+    record = {"decoder": decoder.describe(encoder=encodes), "clip": clip_record}
     return record if prior is None else {**record, "prior": prior.describe()}
 
 
@@ -57,17 +61,26 @@ def lr_at(cfg: RunConfig, step: int) -> float:
 
 
 def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
+    """The token grid (h, w) of the output: its height and width over the decoder's factor."""
     f = decoder.downsample
-    if cfg.size % f:
-        lo, hi = cfg.size // f * f, (cfg.size // f + 1) * f
-        raise ConfigError(f"--size {cfg.size} is not a multiple of the decoder's factor {f}: use {lo or f} or {hi}")
-    return cfg.size // f, cfg.size // f
+    width, height = cfg.dims()
+    for side, value in (("width", width), ("height", height)):
+        if value % f:
+            lo, hi = value // f * f or f, (value // f + 1) * f
+            if width == height:
+                raise ConfigError(f"--size {value} is not a multiple of the decoder's factor {f}: use {lo} or {hi}")
+            raise ConfigError(f"--size {width},{height}: the {side} {value} is not a multiple of the decoder's factor "
+                              f"{f}: use a {side} of {lo} or {hi}")
+    return height // f, width // f
 
 
 def check_fits(cfg: RunConfig, decoder, prior=None) -> None:
     """Raise ConfigError for what ``cfg`` asks of ``decoder`` (and ``prior``) that they cannot do (the size,
     the latent, the prior's grid), so that callers can refuse a run before they create its folder."""
     check_latent(cfg, decoder.vocab_size, decoder)
+    if cfg.augments:  # Kornia is optional: its absence is one line before anything is written
+        require_kornia()
+    check_zoom(cfg, decoder)
     check_prior(cfg, prior, decoder.vocab_size, grid_of(cfg, decoder))
 
 
@@ -79,16 +92,6 @@ def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
     bias = torch.zeros(decoder.vocab_size)
     bias[codes] = -100.0
     return bias
-
-
-OPTIMISER_CLASSES = {  # RunConfig.optimiser -> (params, cfg) -> optimiser
-    "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr),  # Aleph2Image
-    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),  # Crowson
-}
-
-
-def make_optimiser(cfg: RunConfig, params) -> torch.optim.Optimizer:
-    return OPTIMISER_CLASSES[cfg.optimiser](params, cfg)
 
 
 COMPILED = {"decoder": ("decode", "decode_z"), "clip": ("encode_image",)}  # what --compile compiles
@@ -141,6 +144,7 @@ class Loop:
     step: Step
     opt: torch.optim.Optimizer
     models: dict
+    zoom: Zoom | None = None  # --zoom-every: re-encode a zoomed image after some updates
 
     @property
     def latent(self) -> Latent:
@@ -165,7 +169,8 @@ def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool
     else:
         step = Step(Renderer(cfg, cast_decoder(cfg, decoder), latent, seeds), objective)
     models = describe_models(decoder, clip, cfg, prior if cfg.prior else None)
-    return Loop(cfg, runs, gens, step, make_optimiser(cfg, [latent.param]), models)
+    opt = make_optimiser(cfg, [latent.param])
+    return Loop(cfg, runs, gens, step, opt, models, make_zoom(cfg, decoder, step.renderer, opt))
 
 
 def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = None, *,
@@ -199,6 +204,7 @@ def drive(loop: Loop, callbacks: list, resume_from: Checkpoint | None) -> Result
         losses, sims = list(resume_from.losses.unbind(0)), list(resume_from.similarities.unbind(0))
     done = len(losses)
     interrupted, image = False, None
+    keep = set(cfg.snapshot_steps())  # the listed steps and every multiple of --snapshot-every
     # The generators as they are before forward `done`: with latent and optimiser after `done` updates,
     # the resumable state (updated together with `done`, out of Ctrl-C's reach).
     gen_states = [g.get_state() for g in gens]
@@ -208,7 +214,7 @@ def drive(loop: Loop, callbacks: list, resume_from: Checkpoint | None) -> Result
             losses.append(loss)
             sims.append(sim)
             image = _lazy(loop.step.display, k)
-            if k in cfg.snapshots:
+            if k in keep:
                 snaps[k] = image()
             checkpoint = _lazy(capture, cfg, k, latent, opt, gen_states, losses, sims, True)
             state = StepState(k, cfg.steps, losses[-1], sims[-1], lr_at(cfg, k), runs, cfg, loop.models, image, checkpoint)
@@ -258,11 +264,14 @@ def finite_runs(x: torch.Tensor, runs: int) -> torch.Tensor:
 
 
 def update(loop: Loop, k: int) -> None:
-    """Apply update ``k``: the optimiser at ``lr_at(k)``, then the latent's own end of step (EMA, annealing)."""
+    """Apply update ``k``: the optimiser at ``lr_at(k)``, then the latent's own end of step (EMA, annealing),
+    then the zoom when one is due (:mod:`~clipguide.engine.zoom`)."""
     for group in loop.opt.param_groups:
         group["lr"] = lr_at(loop.cfg, k)
     loop.opt.step()
     loop.latent.end_step()
+    if loop.zoom is not None:  # part of the update: a checkpoint is before or after a zoom, never inside
+        loop.zoom(loop.latent, loop.opt, k)
 
 
 def check_finite(ok: torch.Tensor, what: str, step: int, runs: list) -> None:

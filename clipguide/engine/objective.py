@@ -145,8 +145,9 @@ class PriorTerm:
 
 
 def latent_penalty(view: View) -> torch.Tensor:
-    """The latent's own regulariser (Crowson's pull toward the initial latent, docs/methods.md §4)."""
-    return view.latent.penalty()
+    """The latent's own regulariser (Crowson's pull toward the initial latent, docs/methods.md §4; nerdyrodent's
+    decaying pull toward zero, §6, which depends on the step)."""
+    return view.latent.penalty(view.step)
 
 
 def cfg_terms(cfg, prior=None) -> list[Term]:

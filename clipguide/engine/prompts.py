@@ -448,7 +448,7 @@ def image_embeddings(clip, source: str, cfg, seed: int, prompt: str = "") -> tor
         raise PromptError(f"image prompt {source!r} needs the run's config (cutouts, size): pass cfg to encode_targets")
     with pointing_at(prompt, source):
         image = load_image(source, what="image prompt")
-    x = pil_to_tensor(resize_to_area(image, cfg.size)).to(clip.device)
+    x = pil_to_tensor(resize_to_area(image, *cfg.dims())).to(clip.device)
     g = torch.Generator().manual_seed(image_prompt_seed(seed))
     with torch.no_grad():
         return clip.encode_image(make_cutouts(x, cfg, clip.image_size, [g])).float().cpu()

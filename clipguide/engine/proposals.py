@@ -5,6 +5,9 @@ FuseDream (Liu et al. 2021) likewise starts its optimisation from the best of ma
 samples scored by CLIP over augmented views.  Here each run draws ``prior_candidates`` code grids
 from the prior with its own generator, scores each with the run's own prompt loss over ``cutn``
 views (the same views for every candidate, so the scores compare), and starts from the best.
+With ``prior_shortlist`` K the scoring has two stages: every candidate is first seen once, whole,
+without augmentation (one CLIP pass instead of ``cutn``), and only the K best of that glance are
+scored over the ``cutn`` views.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def check_prior(cfg, prior, vocab: int, grid: tuple[int, int]) -> None:
     if prior.vocab_size != vocab or tuple(prior.grid) != tuple(grid):
         h, w = prior.grid
         raise ConfigError(f"--prior {cfg.prior} models {h}x{w} grids of {prior.vocab_size} codes, but this run has "
-                          f"{grid[0]}x{grid[1]} of {vocab}: use the decoder it was trained for, and --size to match")
+                          f"{grid[0]}x{grid[1]} of {vocab}: use the decoder it was trained for, and --size W,H to match")
 
 
 def propose(cfg, prior, decoder, clip, targets, seeds) -> torch.Tensor:
@@ -44,10 +47,29 @@ def propose(cfg, prior, decoder, clip, targets, seeds) -> torch.Tensor:
     starts = []
     for r, seed in enumerate(seeds):
         codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(seed, 0)))
-        losses = candidate_losses(cfg, decoder, clip, codes, (embeds[r], weights[r], stops[r]), proposal_seed(seed, 1))
-        best = codes[int(losses.argmin())]
+        best = codes[choose(cfg, decoder, clip, codes, (embeds[r], weights[r], stops[r]), proposal_seed(seed, 1))]
         starts.append(cfg.init_scale * F.one_hot(best, prior.vocab_size).permute(2, 0, 1).float())
     return torch.stack(starts)
+
+
+def glance(cfg):
+    """The cheap first stage's views: one plain view of the whole image per candidate (no flips, turns,
+    noise, shifts or augmentations), so a candidate costs one CLIP pass instead of ``cutn``."""
+    return cfg.replace(cutn=1, cut="crowson", cut_whole=1.0, cut_flip=False, cut_affine=0.0, cut_noise=0.0,
+                       cut_noise_each=False, cut_roll=0, cut_mirror=0.0, augments=())
+
+
+def choose(cfg, decoder, clip, codes: torch.Tensor, target, view_seed: int) -> int:
+    """The index of the candidate (of code grids [N, h, w]) with the lowest prompt loss over ``cfg.cutn``
+    views; with ``cfg.prior_shortlist`` K < N, the lowest among the K that :func:`glance` rates best."""
+    k = cfg.prior_shortlist
+    if not k or k >= len(codes):  # one stage: every candidate over the full views
+        return int(candidate_losses(cfg, decoder, clip, codes, target, view_seed).argmin())
+    cheap = candidate_losses(glance(cfg), decoder, clip, codes, target, view_seed)
+    short = cheap.argsort(stable=True)[:k]  # stable: ties keep the sampling order, as argmin does
+    # The shortlisted grids are decoded again rather than kept: N images would hold N x 200 kB.
+    full = candidate_losses(cfg, decoder, clip, codes[short], target, view_seed)
+    return int(short[int(full.argmin())])
 
 
 @torch.no_grad()

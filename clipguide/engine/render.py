@@ -34,10 +34,10 @@ class Renderer:
 
     def render(self, gens, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(relaxed value, pixels) of the latent at ``step`` (its draws, and the output noise, from ``gens``)."""
-        size = self.cfg.size
+        width, height = self.cfg.dims()
         self.latent.step = step  # a coarse-to-fine latent lets its levels learn by the step
         codes = self.latent.relax(gens)
-        return codes, self.decode(codes, self.noise(gens, (3, size, size)))
+        return codes, self.decode(codes, self.noise(gens, (3, height, width)))
 
     @torch.no_grad()
     def display(self, step: int) -> torch.Tensor:
@@ -48,5 +48,6 @@ class Renderer:
             codes = self.latent.display(cfg.display)
         noise = None
         if cfg.display_noise and cfg.noise_scale:
-            noise = self.noise(make_generators(display_seed(s, step) for s in self.seeds), (3, cfg.size, cfg.size))
+            width, height = cfg.dims()
+            noise = self.noise(make_generators(display_seed(s, step) for s in self.seeds), (3, height, width))
         return self.latent.decode(self.decoder, codes, noise).clamp(0, 1).float().cpu()

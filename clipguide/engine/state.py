@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the config imports the engine's tables of names
     from ..config import RunConfig
 
 
-OUTPUT_ONLY = ("steps", "snapshots")  # config fields a resume may change: they do not alter the computation
+OUTPUT_ONLY = ("steps", "snapshots", "snapshot_every")  # config fields a resume may change: they do not alter the computation
 
 
 @dataclass(eq=False)
@@ -97,7 +97,7 @@ class StepState:
 @dataclass(eq=False)
 class Result:
     images: torch.Tensor  # [B, 3, H, W] final images in [0, 1] (CPU)
-    snapshots: dict  # step -> [B, 3, H, W] images at config.snapshots (CPU)
+    snapshots: dict  # step -> [B, 3, H, W] images at config.snapshot_steps() (CPU)
     losses: torch.Tensor  # [steps_done + 1, B]
     similarities: torch.Tensor  # [steps_done + 1, B]
     config: RunConfig

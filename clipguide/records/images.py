@@ -102,10 +102,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def resize_to_area(image: Image.Image, side: int) -> Image.Image:
-    """Crowson's ``resize_image``: at most the area of a ``side``² output, aspect ratio kept (Lanczos)."""
+def resize_to_area(image: Image.Image, width: int, height: int | None = None) -> Image.Image:
+    """Crowson's ``resize_image``: at most the area of a ``width`` x ``height`` output (a square when
+    ``height`` is None), the image's own aspect ratio kept (Lanczos)."""
     w, h = image.size
-    area = min(w * h, side * side)
+    area = min(w * h, width * (width if height is None else height))
     ratio = w / h
     size = max(1, round(math.sqrt(area * ratio))), max(1, round(math.sqrt(area / ratio)))
     return image.resize(size, Image.LANCZOS)

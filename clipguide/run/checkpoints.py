@@ -1,4 +1,9 @@
-"""Checkpoints as a step callback: the loop's state written every N steps, at every snapshot and at the end."""
+"""Checkpoints as a step callback: the loop's state written every N steps, at every listed snapshot and at the end.
+
+The snapshots of ``--snapshot-every`` (``--snapshots every:N``) write none of their own: with every:1 that
+would be a checkpoint (latent and optimiser moments) per step; ``--checkpoint-every`` sets their interval.
+A resume from a checkpoint behind the last snapshot recomputes the steps between and leaves the
+snapshots already written as they are (bit-identical anyway)."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ DEFAULT_EVERY = 50
 
 class Checkpointer:
     """Step callback writing ``OUT/checkpoint.safetensors`` every ``every`` steps (0: none
-    between snapshots), at every snapshot step and the last step, and on :meth:`finish`
+    between snapshots), at every step of ``config.snapshots`` and the last step, and on :meth:`finish`
     (after Ctrl-C too).  :func:`~clipguide.run.session.run_session` calls it after the
     :class:`~clipguide.run.snapshots.Snapshotter`, so that a checkpoint is never ahead of the
     snapshots on disk.  A fresh run removes an older run's checkpoint; a resumed one passes

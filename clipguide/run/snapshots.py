@@ -17,12 +17,14 @@ from PIL import Image, ImageDraw, ImageFont
 from ..audit.classification import resolve_clip
 from ..audit.scores import FORMULA, clip_scores, scorer_info
 from ..config import RunConfig
+from ..engine.noise_init import noise_record
 from ..engine.prompts import run_parents
 from ..errors import ConfigError
 from ..records.files import save_json, save_png, to_pil
 from ..records.manifest import MANIFEST, environment, run_subdir
 
 CONTACT_SHEET = "contact_sheet.png"
+SHEET_INTERVAL_COLUMNS = 16  # --snapshot-every's snapshots on a contact sheet at most (memory, width)
 
 
 FLAGGED = "flagged"  # originals of images the output filter flagged (only with keep_flagged)
@@ -55,12 +57,32 @@ def prepare_out_dir(out_dir: Path, overwrite: bool = False) -> Path:
     return out_dir
 
 
+def on_sheet(config: RunConfig, step: int) -> bool:
+    """Whether a snapshot goes on the contact sheet: all do, except that of the steps kept only by
+    ``snapshot_every`` (not listed, not the last) just every k-th multiple is shown, k chosen so that
+    at most SHEET_INTERVAL_COLUMNS are (with every:1 a sheet of every step would not fit in memory)."""
+    every = config.snapshot_every
+    if not every or step % every or step in config.snapshots or step == config.steps:
+        return True
+    k = -(-(config.steps // every + 1) // SHEET_INTERVAL_COLUMNS)  # ceil: multiples of every, 0 included
+    return step % (every * k) == 0
+
+
+def started(config: RunConfig, seed: int) -> dict:
+    """A run's generated start for its manifest entry: ``{"init_noise": {kind, seed, size, sha256}}`` with
+    --init-noise (no file: the run's seed makes it again, the sha256 checks that), else nothing."""
+    if not config.init_noise:
+        return {}
+    return {"init_noise": noise_record(config.init_noise, seed, *config.dims())}
+
+
 class Snapshotter:
-    """Step callback saving the images at ``config.snapshots`` (plus the final step).
+    """Step callback saving the images at ``config.snapshot_steps()`` (plus the final step).
 
     Layout: one run -> ``OUT/step_000100.png``; several -> ``OUT/run_00/step_000100.png``.
     ``manifest.json`` lists config, models, environment and every snapshot
-    ``{run, step, file, loss, clip_similarity}``; ``contact_sheet.png`` shows them by step.
+    ``{run, step, file, loss, clip_similarity}``; ``contact_sheet.png`` shows them by step
+    (those :func:`on_sheet` keeps: only they stay in memory).
     Each run lists its ``parents`` (init image and image prompts: file and sha256), and
     every PNG's provenance names its run directory, so lineages can be traced
     (:mod:`clipguide.records.lineage`).
@@ -83,13 +105,16 @@ class Snapshotter:
             "config": config.to_dict(),
             "models": models,
             "environment": environment(),
-            "runs": [{"index": i, "prompt": p, "seed": s, "dir": self.run_dir(i), "parents": parents[p]}
+            "runs": [{"index": i, "prompt": p, "seed": s, "dir": self.run_dir(i), "parents": parents[p], **started(config, s)}
                      for i, (p, s) in enumerate(self.runs)],
             "snapshots": [],
             "steps_done": 0,
             "interrupted": False,
         }
-        self.images: dict[int, list[Image.Image]] = {}
+        self.images: dict[int, list[Image.Image]] = {}  # the contact sheet's columns
+        self.saved: set[int] = set()  # every step written (the sheet may show fewer)
+        self.off_sheet: tuple[int, list] | None = None  # the latest snapshot on_sheet leaves out
+        self.keep = set(config.snapshot_steps())
         self.recorded = False  # manifest.json written
         self.output_filter, self.scorer = output_filter, scorer
         if output_filter is not None:
@@ -111,6 +136,9 @@ class Snapshotter:
         self.manifest = {**manifest, "config": self.manifest["config"], "resumed": resumed}
         rows: dict[int, dict[int, Image.Image]] = {}
         for snap in manifest["snapshots"]:
+            self.saved.add(snap["step"])
+            if not on_sheet(self.config, snap["step"]):
+                continue
             path = self.out_dir / snap["file"]
             try:
                 with Image.open(path) as im:
@@ -127,7 +155,7 @@ class Snapshotter:
             self.record_loop(state)
             self.recorded = True
             save_json(self.out_dir / MANIFEST, self.manifest)
-        if state.step in self.config.snapshots or state.step == self.config.steps:
+        if state.step in self.keep or state.step == self.config.steps:
             self.save(state.step, state.image(), state.loss, state.similarity)
 
     def record_loop(self, loop) -> None:
@@ -143,9 +171,10 @@ class Snapshotter:
         self.manifest["config"] = self.config.to_dict()
 
     def save(self, step: int, images: torch.Tensor, loss=None, similarity=None) -> None:
-        if step in self.images:
+        if step in self.saved:
             return
-        self.images[step] = []
+        self.saved.add(step)
+        column = self.images[step] = []
         audits = self.audit(images)
         for i, ((prompt, seed), img) in enumerate(zip(self.runs, images)):
             rel = Path(self.run_dir(i)) / f"step_{step:06d}.png"
@@ -153,13 +182,15 @@ class Snapshotter:
             provenance = self.provenance(prompt, seed, step, run=i)
             pil = self.screen(to_pil(img), rel, provenance, audits[i])
             save_png(self.out_dir / rel, pil, provenance)
-            self.images[step].append(pil)
+            column.append(pil)
             self.manifest["snapshots"].append({
                 "run": i, "step": step, "file": rel.as_posix(),
                 "loss": None if loss is None else float(loss[i]),
                 "clip_similarity": None if similarity is None else float(similarity[i]),
                 **audits[i],
             })
+        if not on_sheet(self.config, step):  # kept aside only while it is the latest (an interrupted run's last)
+            self.off_sheet = (step, self.images.pop(step))
         if self.scorer is not None:  # the latest snapshot of every run
             self.manifest["scores"]["clip_score"] = [{"run": i, "step": step, "clip_score": a["clip_score"]}
                                                      for i, a in enumerate(audits)]
@@ -204,10 +235,12 @@ class Snapshotter:
         """Save the final image if not saved yet (interrupted runs), the manifest and the contact sheet."""
         if not self.recorded:  # interrupted before the first step's callbacks
             self.record_loop(result)
-        if result.steps_done not in self.images:
+        if result.steps_done not in self.saved:
             last = result.losses[-1] if len(result.losses) else None
             lastsim = result.similarities[-1] if len(result.similarities) else None
             self.save(result.steps_done, result.images, last, lastsim)
+        if self.off_sheet is not None and self.off_sheet[0] == result.steps_done:  # the sheet ends on the last image
+            self.images[result.steps_done] = self.off_sheet[1]
         self.manifest["steps_done"] = result.steps_done
         self.manifest["interrupted"] = result.interrupted
         sheet = contact_sheet(self.images, rows=row_labels(self.runs))

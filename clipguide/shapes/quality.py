@@ -18,7 +18,7 @@ from ..engine.loop import optimise
 from ..engine.losses import cosine_similarities
 from ..engine.objective import Objective, PixelObjective
 from ..engine.prompts import encode_targets
-from ..engine.proposals import propose
+from ..engine.proposals import proposal_seed, propose
 from . import judge as judge_mod
 from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
@@ -141,6 +141,32 @@ def judge_proposals(cfg, decoder, clip, prior, pairs) -> dict:
     return {**{f"match_{k}": v for k, v in judge_mod.accuracy(verdicts, wanted).items()},
             "seconds_per_prompt": seconds / len(wanted), "runs": len(wanted), "images": images,
             "verdicts": [v.attributes for v in verdicts]}
+
+
+@torch.no_grad()
+def pool_coverage(cfg, decoder, prior, pairs, batch: int = 32) -> dict:
+    """Diagnosis only, never part of generation: the judge on every one of the ``cfg.prior_candidates``
+    candidates a run of each prompt draws.  ``in_pool``: the share of runs whose prompt's exact scene is
+    among them (the best a rerank can do); ``frequency``: each judged scene's share of the samples, from
+    which :func:`pool_share` extrapolates to other pool sizes."""
+    cfg = cfg.replace(prompts=tuple(p for p, _ in pairs)).resolved()
+    pools = {}  # a run's candidates depend on its seed alone, so the runs of one seed share their pool
+    for seed in sorted({s for _, s in cfg.runs()}):
+        codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(seed, 0)))
+        one_hot = (torch.nn.functional.one_hot(c, prior.vocab_size).permute(0, 3, 1, 2).float() for c in codes.split(batch))
+        pools[seed] = judge_mod.judge_batch(torch.cat([decoder.decode(x.to(cfg.device)).clamp(0, 1).cpu() for x in one_hot]))
+    wanted = [t for _, t in pairs for _ in range(cfg.batch)]
+    hits = [sum(v.all_match(*t) for v in pools[seed]) for t, (_, seed) in zip(wanted, cfg.runs())]
+    scenes = Counter(v.attributes for vs in pools.values() for v in vs if None not in v.attributes)
+    n = sum(len(vs) for vs in pools.values())
+    return {"in_pool": sum(h > 0 for h in hits) / len(hits), "hits": hits, "clean": sum(scenes.values()) / n,
+            "frequency": {s: c / n for s, c in scenes.items()}}
+
+
+def pool_share(frequency: dict, wanted, n: int) -> float:
+    """The expected share of the ``wanted`` scenes that a pool of ``n`` independent samples holds at least
+    once, each scene drawn with its measured ``frequency`` (0 where it was never seen)."""
+    return float(np.mean([1 - (1 - frequency.get(tuple(t), 0.0)) ** n for t in wanted]))
 
 
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25, prior=None) -> dict:
