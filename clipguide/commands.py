@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import shlex
 import sys
 import time
@@ -34,7 +33,7 @@ from .errors import (
 from .models.loading import load_models, load_prior_of
 from .presets import DEFAULT_PRESET, get_preset
 from .records.checkpoints import FILENAME, read_checkpoint
-from .records.files import save_json
+from .records.files import save_json, slug
 from .records.lineage import (
     draw_lineage,
     final_image,
@@ -225,8 +224,7 @@ def _count(least: int):
 
 
 def default_out(prompt: str) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "run"
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(prompt)}"
 
 
 class Progress:

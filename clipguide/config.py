@@ -17,10 +17,9 @@ from .engine.augments import check_augments
 from .engine.cutouts import SIZE_LAWS
 from .engine.devices import resolve_device
 from .engine.latents import INIT_LOGITS, LATENT_CLASSES
-from .engine.loop import OPTIMISER_CLASSES
 from .engine.losses import LOSSES as LOSS_FUNCTIONS
 from .engine.noise_init import INIT_NOISES
-from .engine.optimisers import canonical_options, check_optimiser
+from .engine.optimisers import OPTIMISER_CLASSES, canonical_options, check_optimiser
 from .engine.prompts import MAX_SEED, check_prompt
 from .engine.state import DTYPES
 from .errors import ConfigError

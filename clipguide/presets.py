@@ -162,7 +162,7 @@ _add(
     "generate.py pins: 'Ji' is ColorJiggle, 0.5.4's ColorJitter under its later name, and the augmentations draw "
     "their parameters by today's samplers. generate.py's loop makes 501 updates for -i 500 but saves the image "
     "after 500 (its last check-in); here 500 updates. It rewrites output.png every 50 iterations (-se); here "
-    "--snapshots keeps the steps asked for. Its other cut methods (-cutm original, updated, nrupdated, "
+    "--snapshots keeps the steps asked for (--snapshots every:50 keeps each of those as its own PNG). Its other cut methods (-cutm original, updated, nrupdated, "
     "updatedpooling) are not presets: 'original' is --cut crowson --cut-clamp.",
     decoder="vqgan-imagenet-f16-16384", clip="ViT-B-32/openai", size=512, steps=500, latent="zquantize", init="onehot",
     display="argmax", cutn=32, cut="pooled", cut_pow=1.0, augments=("Af", "Pe", "Ji", "Er"), cut_noise=0.1,

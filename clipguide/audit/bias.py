@@ -193,10 +193,7 @@ def audit_bias(prompts, attribute=DEFAULT_ATTRIBUTE, images_per_prompt: int = 8,
         images_dir = Path(folder) / "images"
         swept = sweep(spec, images_dir, executor, overwrite=not resume, callback=callback, progress=False,
                       **(executor_options or {}))
-        failed = [p for p in swept.points if p["state"] != "done"]
-        if failed:
-            raise ConfigError(f"{len(failed)} run(s) of the audit failed (first: {failed[0].get('error')}): "
-                              "fix the cause and continue with --resume")
+        swept.require_complete("run(s) of the audit", "fix the cause and continue with --resume")
         images, seeds = {}, {}
         for p in (p for p in swept.points if p["file"]):  # an output filter may withhold an image
             images.setdefault(p["values"]["prompt"], []).append(images_dir / p["file"])

@@ -23,7 +23,7 @@ from .augments import require_kornia
 from .devices import AUTO, compiled, to_host
 from .latents import Latent, check_latent, make_latent
 from .objective import Objective, View, prompt_objective
-from .optimisers import OPTIMISER_CLASSES, make_optimiser  # noqa: F401 - the table lives there
+from .optimisers import make_optimiser
 from .prompts import encode_targets
 from .proposals import check_prior, propose
 from .render import Renderer

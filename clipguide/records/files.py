@@ -21,6 +21,11 @@ from ..errors import OutputError
 TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # atomic_write's temporary files: .NAME.XXXXXXXX.tmp
 
 
+def slug(text: str, limit: int = 40) -> str:
+    """A folder-name form of ``text``: lower case, each run of other characters one hyphen, at most ``limit``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "run"
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file_object)`` on a temporary file, then rename it over ``path``: a crash or
     a full disk leaves the previous ``path`` whole.  An OSError is a one-line :class:`OutputError`."""

@@ -151,8 +151,5 @@ def run_experiments(experiments: ExperimentSet, out_dir, steps: int | None = Non
             **{k: v for k, v in overrides.items() if v is not None}, "axes": {"prompt": list(experiments.prompts)}}
     result = sweep(spec, out_dir, executor, callback=callback, overwrite=overwrite, progress=False,
                    **(executor_options or {}))
-    failed = [p for p in result.points if p["state"] != "done"]
-    if failed:
-        raise ConfigError(f"{len(failed)} of the experiments failed (first: {failed[0].get('error')}): "
-                          "fix the cause and run again to continue")
+    result.require_complete("of the experiments", "fix the cause and run again to continue")
     return {p["values"]["prompt"]: Path(out_dir) / p["run_dir"] for p in result.points}

@@ -39,6 +39,12 @@ class SweepResult:
     def complete(self) -> bool:
         return self.counts["done"] == len(self.points)
 
+    def require_complete(self, what: str, fix: str) -> None:
+        """Raise ConfigError naming how many ``what`` did not finish and the first one's error, and ``fix``."""
+        failed = [p for p in self.points if p["state"] != "done"]
+        if failed:
+            raise ConfigError(f"{len(failed)} {what} failed (first: {failed[0].get('error')}): {fix}")
+
 
 def as_spec(spec) -> SweepSpec:
     """A :class:`SweepSpec` from itself, its dict, or the path of its JSON/YAML file."""

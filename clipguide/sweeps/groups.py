@@ -10,10 +10,10 @@ A group with one point is that point's own run folder.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 from ..config import RunConfig
+from ..records.files import slug
 from .spec import Point
 
 
@@ -26,11 +26,6 @@ class Group:
     preset: str
     config: RunConfig
     points: tuple[int, ...]
-
-
-def slug(text: str, limit: int = 40) -> str:
-    """A folder-name form of ``text``: lower case, runs of other characters as one hyphen."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "run"
 
 
 def point_name(point: Point, width: int) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, error_detail
 from ..records.files import atomic_write
+from ..records.manifest import run_subdir
 from .groups import Group
 from .spec import Point, SweepSpec
 
@@ -40,8 +41,7 @@ def new_ledger(spec: SweepSpec, points: list[Point], groups: list[Group], max_ba
 
 def subdir_of(group: Group, index: int) -> str:
     """The folder of point ``index`` inside its run folder (the run folder itself when it is alone)."""
-    runs = len(group.points)
-    return "." if runs == 1 else f"run_{group.points.index(index):02d}"
+    return run_subdir(len(group.points), group.points.index(index))
 
 
 def read_ledger(out: Path) -> dict | None:

@@ -9,7 +9,6 @@ them once.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from ..engine.state import differing
 from ..errors import ConfigError
 from ..records.checkpoints import FILENAME
-from ..records.manifest import MANIFEST
+from ..records.manifest import read_manifest
 from ..run.resume import open_run
 from ..run.session import run_session
 from .groups import Group
@@ -50,7 +49,7 @@ def run_group(out, group: Group, every: int, score: str | None = None, callback=
 def outcomes(folder: Path, group: Group, step: int, interrupted: bool) -> list[dict]:
     """Per point: its final image (relative to the sweep folder), loss, CLIP similarity and CLIP score,
     read from the run's manifest (what a resumed run recorded before it stopped is there too)."""
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(folder)
     final = {s["run"]: s for s in manifest["snapshots"] if s["step"] == step}
     scores = {(s["run"], s["step"]): s["clip_score"] for s in (manifest.get("scores") or {}).get("clip_score", [])}
     out = []
