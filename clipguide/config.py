@@ -162,7 +162,7 @@ class RunConfig:
     lr: float = _f("optimisation", 0.05, "learning rate")
     lr_growth: float = _f("optimisation", 1.0, "the learning rate is multiplied by this after every step (Aleph2Image Delta: 1.005)")
     lr_warmup: int = _f("optimisation", 0, "steps of linear learning-rate warm-up (independent of --steps)")
-    weight_decay: float = _f("optimisation", 0.0, "AdamW weight decay")
+    weight_decay: float = _f("optimisation", 0.0, "weight decay, for the optimisers that take one (AdamW: decoupled); adam refuses it")
 
     def __post_init__(self):
         self.prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)  # one prompt, not its letters

@@ -51,11 +51,13 @@ def test_one_spelling_per_set_of_options():
     assert RunConfig(optimiser="adam", optimiser_options="betas=(0.5,0.99)").optimiser_options == "betas=[0.5,0.99]"
 
 
-def test_weight_decay_goes_to_every_optimiser_that_takes_one_but_adam():
+def test_weight_decay_goes_to_every_optimiser_that_takes_one_and_adam_refuses_it():
     p = torch.nn.Parameter(torch.ones(2))
     assert make_optimiser(RunConfig(optimiser="sgd", weight_decay=0.5), [p]).param_groups[0]["weight_decay"] == 0.5
     assert make_optimiser(RunConfig(optimiser="adagrad", weight_decay=0.5), [p]).param_groups[0]["weight_decay"] == 0.5
-    assert make_optimiser(RunConfig(optimiser="adam", weight_decay=0.5), [p]).param_groups[0]["weight_decay"] == 0
+    with pytest.raises(ConfigError, match="adam is Aleph2Image's Adam without decay; use --optimiser adamw"):
+        RunConfig(optimiser="adam", weight_decay=0.5)  # it used to be ignored without a word
+    assert make_optimiser(RunConfig(optimiser="adam"), [p]).param_groups[0]["weight_decay"] == 0
     opt = make_optimiser(RunConfig(optimiser="adam", optimiser_options="weight_decay=0.25"), [p])
     assert opt.param_groups[0]["weight_decay"] == 0.25  # Adam's own L2 decay, as an option
 
@@ -96,6 +98,7 @@ def test_any_optimiser_resumes_bit_for_bit_from_a_checkpoint_file(tiny_dvae, tin
     (["--optimiser", "sgd", "--optimiser-options", "momentun=0.9"], ["momentun is not an option of SGD", "momentum"]),
     (["--optimiser", "lbfgs"], ["invalid choice: 'lbfgs'", "rmsprop"]),  # RunConfig says why: below
     (["--optimiser", "rprop", "--weight-decay", "0.1"], ["Rprop takes no weight decay"]),
+    (["--optimiser", "adam", "--weight-decay", "0.1"], ["without decay", "--optimiser-options weight_decay=0.1"]),
     (["--optimiser", "sgd", "--optimiser-options", "momentum=-1"], ["SGD refuses them", "momentum"]),
     (["--optimiser", "adamw", "--optimiser-options", "lr=1"], ["set it with --lr"]),
     (["--optimiser-options", "momentum"], ["is not key=value"]),

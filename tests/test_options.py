@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipguide import PRESETS, RunConfig, optimise
+from clipguide import PRESETS, ConfigError, RunConfig, optimise
 from clipguide.engine import cutouts as cutouts_module
 from clipguide.engine.cutouts import draw_offsets, draw_sizes, make_cutouts, random_affine
 from clipguide.engine.latents import Softmax, make_latent
@@ -657,11 +657,13 @@ def test_optimiser_and_weight_decay(tiny_dvae):
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((5,), 1 - 0.1 * 0.5))  # decoupled decay, no gradient
     q = torch.nn.Parameter(torch.ones(5))
-    opt = make_optimiser(RunConfig(optimiser="adam", lr=0.1, weight_decay=0.5), [q])
+    opt = make_optimiser(RunConfig(optimiser="adam", lr=0.1), [q])
     assert type(opt) is torch.optim.Adam and opt.param_groups[0]["weight_decay"] == 0
     q.grad = torch.zeros(5)
     opt.step()
     assert torch.equal(q.detach(), torch.ones(5))  # Adam takes no weight decay
+    with pytest.raises(ConfigError, match="--weight-decay 0.5: --optimiser adam"):
+        RunConfig(optimiser="adam", lr=0.1, weight_decay=0.5)
 
 
 def test_batch_runs_consecutive_seeds_each_as_alone(tiny_dvae, tiny_clip):

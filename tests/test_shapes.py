@@ -349,13 +349,27 @@ def test_prior_stage_trains_on_the_dvaes_codes_and_writes_a_loadable_prior(tmp_p
     assert prior.grid == (16, 16) and prior.vocab_size == 512
     T.write_model_card(tmp_path)
     assert "## shapes-prior" in (tmp_path / "MODEL_CARD.md").read_text()
+    import torch
+
+    first = {k: v.clone() for k, v in prior.model.state_dict().items()}
+    T.run_stage("priorft", tmp_path, steps=1, lr=0.0, train_scenes=16, held_out=4, eval_samples=2)
+    still = load_prior(str(tmp_path / "shapes-prior.json")).model.state_dict()
+    assert all(torch.equal(still[k], v) for k, v in first.items())  # it starts from the first stage's weights
+    ft = T.run_stage("priorft", tmp_path, steps=2, train_scenes=16, held_out=4, eval_samples=2)
+    assert ft["finetune"]["steps"] == 2 and ft["train"] == meta["train"]  # the first stage's record is kept
+    continued = load_prior(str(tmp_path / "shapes-prior.json")).model.state_dict()
+    assert any(not torch.equal(continued[k], v) for k, v in first.items())
+    T.write_model_card(tmp_path)
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "stage 2 (`--only priorft`" in card and "- before stage 2:" in card
 
 
 def test_train_shapes_knows_only_the_shipped_stages(tmp_path):
     """The experimental stages (clipgen, clipnear, cliploop) are gone: asking for one is a one-line refusal."""
     from clipguide.shapes import training as T
 
-    assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust", "prior")
+    assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust", "prior",
+                        "priorft")
     for stage in ("clipgen", "clipnear", "cliploop"):
         with pytest.raises(ConfigError, match=f"unknown model kind.s. {stage}: use --only"):
             T.train_shapes(tmp_path, only=(stage,))

@@ -1,6 +1,6 @@
 """The training arithmetic of the shapes models pinned bit for bit: every shipped stage, run tiny.
 
-The eight stages run one after another into one folder, as ``train_shapes`` chains them (a stage reads
+The stages run one after another into one folder, as ``train_shapes`` chains them (a stage reads
 what the earlier ones wrote), each for a few steps with small batches, on one thread.  What is hashed:
 the tensors of the safetensors file the stage wrote (names, dtypes, shapes and bytes) and its json
 without the timings; then the model card written from those json files (timings set to 0).
@@ -38,6 +38,7 @@ TINY = [
     ("clipframe", 2, dict(batch=4, n_neg=2, n_cut=2)),
     ("cliprobust", 2, dict(batch=4, n_neg=2, n_cut=2, polish_steps=2, **ROBUSTNESS)),
     ("prior", 2, dict(batch=4, train_scenes=16, held_out=4, eval_samples=2)),
+    ("priorft", 2, dict(batch=4, train_scenes=16, held_out=4, eval_samples=2)),
 ]
 PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the prior's: when it was added)
     "clip": ("2a32f8d31a2cd117", "22132735c86e7235"),
@@ -49,10 +50,11 @@ PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the p
     "clipframe": ("f8b74f3c87656b8b", "bff379717f693c0d"),
     "cliprobust": ("5f856e3f4f55cb67", "9c08dc64550c085d"),
     "prior": ("7c539169651a24a9", "a9472de3e78e7f43"),  # the token prior stage, added later
+    "priorft": ("ce1392230430b21c", "dc27bd9fb4267834"),  # its continuation, added in the seventeenth round
 }
-PINNED_CARD = "97bbf2c693e2f120"  # with the prior's section and the card's lines about it
+PINNED_CARD = "bd8d01f7eb707473"  # with the prior's section, its priorft lines and the card's lines about it
 MODEL = {"clip": "clip", "dvae": "dvae", "dvaeft": "dvae", "vqgan": "vqgan", "vqganft": "vqgan", "clipft": "clip",
-         "clipframe": "clip", "cliprobust": "clip", "prior": "prior"}
+         "clipframe": "clip", "cliprobust": "clip", "prior": "prior", "priorft": "prior"}
 
 
 def tensors_digest(path) -> str:

@@ -5,8 +5,8 @@ the optional ``torch-optimizer`` package (nerdyrodent's list), each with its own
 holds the keyword arguments of its constructor as ``key=value`` pairs (``momentum=0.9,betas=[0.5,0.99]``)
 or a JSON object, checked against the constructor's signature.  The learning rate is always ``--lr``
 and the weight decay ``--weight-decay`` (for the optimisers that take one), so neither is an option;
-the exception is ``adam``, which keeps the first Aleph2Image's Adam without weight decay and so
-ignores ``--weight-decay`` as it always did (its L2 decay is then the option ``weight_decay``).
+the exception is ``adam``, which keeps the first Aleph2Image's Adam without weight decay: it refuses
+``--weight-decay`` (which it used to ignore) and takes an L2 decay as the option ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,10 @@ def check_optimiser(name: str, options_text: str, weight_decay: float) -> None:
         if key not in accepted:
             raise ConfigError(f"--optimiser-options {key} is not an option of {cls.__name__}; "
                               f"its options: {', '.join(valid) or 'none'}")
-    if weight_decay and entry.decay and not takes_decay:
+    if weight_decay and not entry.decay:  # silently ignored before: say what the user may have meant
+        raise ConfigError(f"--weight-decay {weight_decay}: --optimiser {name} is Aleph2Image's Adam without decay; use "
+                          f"--optimiser adamw for decoupled decay, or --optimiser-options weight_decay={weight_decay} for L2")
+    if weight_decay and not takes_decay:
         raise ConfigError(f"--weight-decay {weight_decay}: {cls.__name__} takes no weight decay; drop --weight-decay")
     try:  # the constructor checks the values (ranges, types) on a stand-in parameter
         cls([torch.zeros(2, 2, requires_grad=True)], lr=1e-3, **options)

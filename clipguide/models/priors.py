@@ -49,7 +49,7 @@ def load_json_prior(path: str | Path, device: str = "cpu", name: str | None = No
     weights = path.with_suffix(".safetensors")
     if not weights.is_file():
         raise WeightsError(f"{weights} is missing (the weights of {path.name}): put it beside the .json"
-                           + (" or rebuild it with `clipguide train-shapes --only prior`" if name == "shapes-prior" else ""))
+                           + (" or rebuild it with `clipguide train-shapes --only prior,priorft`" if name == "shapes-prior" else ""))
     model = TokenGPT(config_of(meta))
     state = load_file(str(weights))
     check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, weights, path)

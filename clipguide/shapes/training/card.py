@@ -77,18 +77,20 @@ def _header(files) -> list[str]:
          "$T clip & ($T dvae && $T dvaeft); wait",
          "($T vqgan && $T vqganft) & ($T clipft && $T clipframe && $T cliprobust); wait",
          "$T prior   # after dvaeft: it models the final dVAE's codes",
+         "$T priorft # then continues it on other scenes' codes",
          "```",
          "(two lines of two parallel chains: 18 | 14 + 6 min, then 10 + 5 | 8 + 1 + 12 min at the reference speed,",
          "41 min in all on 2 cores; the shipped stages ran one or two at a time on a loaded machine, see the timings",
          "below and the limitations.)",
-         "(`clipguide train-shapes ARGS` is the same; with no `--only` all eight stages run one after another in",
+         "(`clipguide train-shapes ARGS` is the same; with no `--only` all ten stages run one after another in",
          "one process.  Stages: clip = contrastive CLIP; dvae = Gumbel-softmax dVAE; dvaeft = dVAE continued with",
          "hard straight-through codes and an edge-weighted loss; vqgan; vqganft = VQGAN continued; clipft = CLIP",
          "fine-tuned against adversarial images decoded by the shipped dVAE; clipframe = CLIP fine-tuned with",
          "shapes cut by the frame as negatives; cliprobust = CLIP then fine-tuned adversarially (every batch also",
          "trained on as its L2 pixel-space adversarial version, Madry et al. 2018 / Wong et al. 2020), so that its",
          "image gradients point at what a prompt looks like, as robust models' do (Santurkar et al. 2019); prior =",
-         "an autoregressive transformer over the final dVAE's codes of rendered scenes, which never sees text.)", "",
+         "an autoregressive transformer over the final dVAE's codes of rendered scenes, which never sees text;",
+         "priorft = the prior continued on the codes of other scenes, at a lower learning rate.)", "",
          f"Shipped files ({total / 1e6:.2f} MB in total):", ""]
     L += [f"- `{f.name}`: {f.stat().st_size / 1e6:.2f} MB" for f in files] + [""]
     return L
@@ -163,20 +165,32 @@ def _clip_stages(m: dict) -> list[str]:
 
 
 def _prior_section(m: dict) -> list[str]:
-    """The token prior's lines: architecture, training, held-out likelihood and the judge on its samples."""
-    tr, js = m["train"], m["judge_on_samples"]
-    return ["## shapes-prior (autoregressive transformer over shapes-dvae's codes)", "",
-            f"- architecture: `{json.dumps(m['config'])}` (start token, learnt positions, pre-norm blocks); "
-            "autoregressive, so it scores a grid exactly in one pass and samples code by code.",
-            f"- training: the shapes-dvae encoder's argmax codes of {tr['train_scenes']} fresh scenes (seed "
-            f"{tr['seed']}), `{json.dumps({k: v for k, v in tr.items() if k not in ('seconds', 'train_scenes', 'seed')})}`, "
-            f"cross-entropy, AdamW; {tr['seconds'] / 60:.1f} min on 1 thread (`--only prior`).",
-            f"- held-out log-likelihood on {m['held_out_scenes']} other scenes' codes: "
+    """The token prior's lines: architecture, training (and the ``priorft`` continuation when there is one),
+    held-out likelihood and the judge on its samples (after the last stage; the first stage's below it)."""
+    tr, ft = m["train"], m.get("finetune")
+    L = ["## shapes-prior (autoregressive transformer over shapes-dvae's codes)", "",
+         f"- architecture: `{json.dumps(m['config'])}` (start token, learnt positions, pre-norm blocks); "
+         "autoregressive, so it scores a grid exactly in one pass and samples code by code.",
+         f"- training: the shapes-dvae encoder's argmax codes of {tr['train_scenes']} fresh scenes (seed "
+         f"{tr['seed']}), `{json.dumps({k: v for k, v in tr.items() if k not in ('seconds', 'train_scenes', 'seed')})}`, "
+         f"cross-entropy, AdamW; {tr['seconds'] / 60:.1f} min on 1 thread (`--only prior`)."]
+    if ft:
+        L += [f"- stage 2 (`--only priorft`, the figures below are after it): continued on the codes of "
+              f"{ft['train_scenes']} other fresh scenes, `{json.dumps({k: ft[k] for k in ('steps', 'batch', 'lr')})}`; "
+              f"{ft['seconds'] / 60:.1f} min on 1 thread."]
+    L += _prior_figures(m)
+    if ft:
+        L += ["- before stage 2:", *("  " + line for line in _prior_figures(m["stage1"]))]
+    return L + [""]
+
+
+def _prior_figures(m: dict) -> list[str]:
+    js = m["judge_on_samples"]
+    return [f"- held-out log-likelihood on {m['held_out_scenes']} other scenes' codes: "
             f"{m['held_out_bits_per_code']:.3f} bits per code ({m['held_out_bits_per_code'] * 256:.0f} bits per grid).",
             f"- the judge on {js['samples']} samples decoded by shapes-dvae: {js['clean_share']:.3f} judged a clean "
             f"one-shape scene; they cover {js['combinations_seen']} of the {js['combinations']} colour x shape x "
-            f"background combinations, with a normalised entropy of {js['coverage_entropy']:.3f} (1: perfectly even).",
-            ""]
+            f"background combinations, with a normalised entropy of {js['coverage_entropy']:.3f} (1: perfectly even)."]
 
 
 def _decoder_section(k: str, title: str, m: dict) -> list[str]:

@@ -25,16 +25,17 @@ from .card import write_model_card
 from .clip_stages import finetune_clip_dvae_adversarial, finetune_clip_frame, finetune_clip_robust, train_clip
 from .common import COMMAND, DEFAULT_MINUTES, EVAL_SCENES, eval_recon, log, stage_steps
 from .dvae import dvae_reconstruct, finetune_dvae, load_dvae_from, train_dvae
-from .prior import train_prior
+from .prior import finetune_prior, train_prior
 from .vqgan import finetune_vqgan, load_vqgan_from, train_vqgan, vqgan_reconstruct
 
 MODELS_DIR = SHAPES_MODELS
 # clipft: CLIP fine-tune against dVAE-decoded adversarial images; clipframe: then with frame-cut shapes as negatives;
 # cliprobust: then adversarially (L2 PGD/FGSM in pixel space), for perceptually aligned gradients;
-# prior: the token prior over the final dVAE's codes
+# prior: the token prior over the final dVAE's codes; priorft: the prior continued on other scenes
 STAGE_FUNCTIONS = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
                    "vqganft": finetune_vqgan, "clipft": finetune_clip_dvae_adversarial, "clipframe": finetune_clip_frame,
-                   "cliprobust": finetune_clip_robust, "prior": train_prior}
+                   "cliprobust": finetune_clip_robust, "prior": train_prior,
+                   "priorft": finetune_prior}
 STAGES = tuple(STAGE_FUNCTIONS)  # the order of a whole run: a stage reads what the earlier ones wrote
 
 
