@@ -1,4 +1,4 @@
-"""Training of the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE and a taming VQGAN.
+"""Training of the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE, a taming VQGAN and a token prior.
 
 ``python -m clipguide.shapes.train`` (or ``clipguide train-shapes``) runs :func:`main`; :func:`train_shapes` is the
 same from Python.  The shipped run is eight stages (:data:`STAGES`), each a function of the model's module:

@@ -1,6 +1,6 @@
-"""Train the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE and a taming VQGAN.
+"""Train the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE, a taming VQGAN and a token prior.
 
-    python -m clipguide.shapes.train [--out DIR] [--seed 0] [--only clip,dvae,vqgan] [--minutes M] [--threads 1]
+    python -m clipguide.shapes.train [--out DIR] [--seed 0] [--only clip,dvae,...,prior,priorft] [--minutes M] [--threads 1]
     python -m clipguide.shapes.train --rejudge [--out DIR]   # re-measure the decoders after a judge change
 
 Runs are step-budgeted (not time-budgeted), so a run is deterministic for a given seed,
@@ -104,10 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(MODELS_DIR), help="output directory (default: the package's models dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(STAGES),
-                    help="comma list of clip,dvae,dvaeft,vqgan,vqganft,clipft,clipframe,cliprobust (dvaeft continues the dVAE with hard "
+                    help=f"comma list of {','.join(STAGES)} (dvaeft continues the dVAE with hard "
                          "codes; clipft fine-tunes the CLIP against adversarial images decoded by the dVAE, it needs both in "
                          "--out; clipframe then fine-tunes it with shapes cut by the frame as negatives; cliprobust then "
-                         "fine-tunes it adversarially, L2 pixel-space attacks)")
+                         "fine-tunes it adversarially, L2 pixel-space attacks; prior models the dVAE's codes and priorft "
+                         "continues it)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")
