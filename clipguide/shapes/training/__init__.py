@@ -1,12 +1,13 @@
 """Training of the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE, a taming VQGAN and a token prior.
 
 ``python -m clipguide.shapes.train`` (or ``clipguide train-shapes``) runs :func:`main`; :func:`train_shapes` is the
-same from Python.  The shipped run is eight stages (:data:`STAGES`), each a function of the model's module:
+same from Python.  The shipped run is ten stages (:data:`STAGES`), each a function of the model's module:
 
 * :mod:`.clip_stages`: ``clip``, ``clipft``, ``clipframe``, ``cliprobust``; the CLIP's architecture, objective and
   measures are in :mod:`.clip`;
 * :mod:`.dvae`: ``dvae``, ``dvaeft``;
 * :mod:`.vqgan`: ``vqgan``, ``vqganft``;
+* :mod:`.prior`: ``prior``, ``priorft``;
 * :mod:`.common`: what they share (step budgets, lr schedule, saving, the decoders' crops and measure);
 * :mod:`.card`: MODEL_CARD.md, written from the json files.
 

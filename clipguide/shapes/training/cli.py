@@ -34,8 +34,7 @@ MODELS_DIR = SHAPES_MODELS
 # prior: the token prior over the final dVAE's codes; priorft: the prior continued on other scenes
 STAGE_FUNCTIONS = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
                    "vqganft": finetune_vqgan, "clipft": finetune_clip_dvae_adversarial, "clipframe": finetune_clip_frame,
-                   "cliprobust": finetune_clip_robust, "prior": train_prior,
-                   "priorft": finetune_prior}
+                   "cliprobust": finetune_clip_robust, "prior": train_prior, "priorft": finetune_prior}
 STAGES = tuple(STAGE_FUNCTIONS)  # the order of a whole run: a stage reads what the earlier ones wrote
 
 

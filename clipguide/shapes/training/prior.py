@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from ...models.prior import GPTConfig, GridPrior, TokenGPT, bits_per_code
+from ...models.priors import load_json_prior
 from ...models.weights import sha256_file
 from .. import judge as J
 from .. import scenes as S
@@ -97,8 +97,7 @@ def train_prior(out_dir: Path, seed: int = 0, steps: int = 1500, batch: int = 32
     meta = {"kind": "token_gpt", "config": dataclasses.asdict(model.cfg), "decoder": "shapes-dvae",
             "decoder_sha256": sha256_file(Path(out_dir) / "shapes-dvae.safetensors"), "train": {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "train_scenes": train_scenes, "seconds": round(seconds, 1)}, **metrics}
-    save(Path(out_dir), "shapes-prior", {k: v.contiguous() for k, v in model.state_dict().items()}, meta, trained_by)
-    return meta
+    return save_prior(out_dir, model, meta, trained_by)
 
 
 def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 1e-3,
@@ -109,8 +108,7 @@ def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int =
     rewrites ``shapes-prior`` and keeps the first stage's figures under ``stage1``."""
     enc, dec, _ = load_dvae_from(out_dir)
     meta = read_meta(out_dir, "shapes-prior")
-    model = TokenGPT(GPTConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(Path(out_dir) / "shapes-prior.safetensors")))
+    model = load_json_prior(Path(out_dir) / "shapes-prior.json").model  # the checked loader runs use
     gen, _ = seeded(seed, 7010)
     log(f"priorft: encoding {train_scenes} + {held_out} scenes")
     data, held = encode_scenes(enc, train_scenes, seed + 7011), encode_scenes(enc, held_out, seed + 7002)
@@ -119,5 +117,10 @@ def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int =
     stage1 = {k: meta[k] for k in metrics}
     meta = {**meta, **metrics, "stage1": stage1, "finetune": {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "train_scenes": train_scenes, "seconds": round(seconds, 1), "trained_by": trained_by}}
+    return save_prior(out_dir, model, meta, trained_by)
+
+
+def save_prior(out_dir: Path, model: TokenGPT, meta: dict, trained_by: str) -> dict:
+    """Write ``shapes-prior.safetensors`` and ``.json`` (``meta``) into ``out_dir``; returns ``meta``."""
     save(Path(out_dir), "shapes-prior", {k: v.contiguous() for k, v in model.state_dict().items()}, meta, trained_by)
     return meta
