@@ -1,7 +1,7 @@
 """Weighted, negative and image prompts and a blend, on the shapes world (offline), then
 the lineage of the blend.
 
-  python examples/weighted_prompts.py --out runs/weighted-prompts [--steps 300]
+  python examples/weighted_prompts.py --out runs/weighted-prompts [--preset NAME] [--steps N]
 
 Runs, each in its own folder under --out (PNGs carrying their provenance, manifest.json,
 contact_sheet.png):
@@ -12,7 +12,7 @@ contact_sheet.png):
   blend     clipguide.engine.prompts.blend_prompt of the 'plain' and 'weighted' images with a text
 Then the blend's lineage (runs it grew from) is printed and drawn to --out/lineage.png.
 The grammar is in clipguide.engine.prompts (README, "Prompts"). $CLIPGUIDE_EXAMPLE_STEPS and
-$CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and --cutn.
+$CLIPGUIDE_EXAMPLE_CUTN set the defaults of --steps and --cutn, $CLIPGUIDE_EXAMPLE_PRESET that of --preset.
 """
 
 import argparse
@@ -20,21 +20,23 @@ import sys
 from pathlib import Path
 
 import clipguide
-from clipguide.run.experiments import example_cutn, example_steps
+from clipguide.run.experiments import example_cutn, example_preset, example_steps
 from clipguide.records.lineage import draw_lineage, final_image, format_lineage, lineage
 from clipguide.engine.prompts import blend_prompt
+from clipguide.presets import DEFAULT_PRESET
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/weighted-prompts"), help="folder of the run folders")
-    parser.add_argument("--steps", type=int, default=example_steps(300), help="steps per run [300]")
+    parser.add_argument("--preset", default=example_preset(), help=f"generation preset [{DEFAULT_PRESET}]")
+    parser.add_argument("--steps", type=int, default=example_steps(None), help="steps per run [the preset's]")
     parser.add_argument("--cutn", type=int, default=example_cutn(), help="cutouts per step [the preset's]")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier runs in --out")
     args = parser.parse_args(argv)
 
     def run(name: str, prompt: str) -> Path:
-        clipguide.generate(prompt, steps=args.steps, seed=0, cutn=args.cutn, out_dir=args.out / name,
+        clipguide.generate(prompt, args.preset, steps=args.steps, seed=0, cutn=args.cutn, out_dir=args.out / name,
                            overwrite=args.overwrite)
         print(f"{name:9s} {prompt}\n{'':9s} -> {final_image(args.out / name)}")
         return final_image(args.out / name)

@@ -130,19 +130,19 @@ def test_every_caller_runs_through_run_session(counted_sessions, tmp_path):
     from clipguide.cli import main
 
     prompt = "a red circle on a blue background"
-    clipguide.generate(prompt, out_dir=tmp_path / "a", **SHAPES_CFG)
-    assert main(["generate", prompt, "--out", str(tmp_path / "b"), "--steps", "2", "--size", "64", "--cutn", "2",
+    clipguide.generate(prompt, "shapes", out_dir=tmp_path / "a", **SHAPES_CFG)
+    assert main(["generate", prompt, "--preset", "shapes", "--out", str(tmp_path / "b"), "--steps", "2", "--size", "64", "--cutn", "2",
                  "--quiet"]) == 0
     clipguide.resume(tmp_path / "b", steps=3)
     clipguide.replay(tmp_path / "a", out_dir=tmp_path / "c")
-    audit_bias([prompt], ("a red shape", "a green shape"), images_per_prompt=2, out_dir=tmp_path / "d", **SHAPES_CFG)
-    clipguide.sweep({**SHAPES_CFG, "axes": {"prompt": [prompt]}}, tmp_path / "e", progress=False)  # also the seed experiments
+    audit_bias([prompt], ("a red shape", "a green shape"), images_per_prompt=2, preset="shapes", out_dir=tmp_path / "d", **SHAPES_CFG)
+    clipguide.sweep({**SHAPES_CFG, "preset": "shapes", "axes": {"prompt": [prompt]}}, tmp_path / "e", progress=False)  # also the seed experiments
     assert [Path(p).name for p in counted_sessions] == ["a", "b", "b", "c", "batch_00", "00-a-red-circle-on-a-blue-background"]
 
 
 def test_run_session_writes_checkpoints_with_every_folder(tmp_path):
     """The folder's parts come in one order, from one place: replay and audits keep checkpoints too."""
-    clipguide.replay(clipguide.generate("a red circle", out_dir=tmp_path / "a", **SHAPES_CFG) and tmp_path / "a",
+    clipguide.replay(clipguide.generate("a red circle", "shapes", out_dir=tmp_path / "a", **SHAPES_CFG) and tmp_path / "a",
                      out_dir=tmp_path / "b")
     for run in ("a", "b"):
         assert {p.name for p in (tmp_path / run).iterdir()} >= {"manifest.json", "contact_sheet.png",

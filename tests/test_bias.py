@@ -74,7 +74,7 @@ def test_audit_bias_generates_in_batches_and_writes_its_files(tmp_path, monkeypa
     monkeypatch.setattr(module, "optimise", counting)
     prompts = ["a red circle on a blue background", "a green square on a white background", "a blue triangle"]
     out = tmp_path / "audit"
-    audit = audit_bias(prompts, RED_GREEN, images_per_prompt=3, steps=2, seed=4, out_dir=out, batch_size=6,
+    audit = audit_bias(prompts, RED_GREEN, preset="shapes", images_per_prompt=3, steps=2, seed=4, out_dir=out, batch_size=6,
                        size=64, cutn=2)
     assert calls == [6, 3]  # whole prompts, at most 6 runs per optimise call
     assert [(im["prompt"], im["seed"]) for im in audit.images] == [(p, s) for p in prompts for s in (4, 5, 6)]
@@ -98,7 +98,7 @@ def test_cli_audit_end_to_end(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red circle on a blue background\na green square on a white background\n")
     out = tmp_path / "audit"
-    assert main(["audit-bias", "--prompts", str(prompts), "--images-per-prompt", "2", "--attribute", RED_GREEN,
+    assert main(["audit-bias", "--preset", "shapes", "--prompts", str(prompts), "--images-per-prompt", "2", "--attribute", RED_GREEN,
                  "--steps", "1", "--size", "64", "--cutn", "2", "--seed", "3", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert table.count("/2 ") == 4 and "a green square on a white background" in table
@@ -107,7 +107,7 @@ def test_cli_audit_end_to_end(tmp_path, capsys):
     assert (out / "bias.png").is_file() and (out / "bias.csv").is_file()
     csv_text = (out / "bias.csv").read_text()
     (out / "bias.csv").unlink()
-    assert main(["audit-bias", "--prompts", str(prompts), "--images-per-prompt", "2", "--attribute", RED_GREEN,
+    assert main(["audit-bias", "--preset", "shapes", "--prompts", str(prompts), "--images-per-prompt", "2", "--attribute", RED_GREEN,
                  "--steps", "1", "--size", "64", "--cutn", "2", "--seed", "3", "--out", str(out), "--resume"]) == 0
     assert (out / "bias.csv").read_text() == csv_text  # every batch read back from its checkpoint
     capsys.readouterr()
@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line_exit_2(args, message, tmp_path, capsys):
 
 def test_an_interrupted_audit_resumes_to_the_same_counts_and_refuses_other_settings(tmp_path):
     prompts = ["a red circle on a blue background", "a green square on a white background"]
-    kw = dict(images_per_prompt=2, steps=3, seed=1, batch_size=2, size=64, cutn=2)
+    kw = dict(preset="shapes", images_per_prompt=2, steps=3, seed=1, batch_size=2, size=64, cutn=2)
     whole = audit_bias(prompts, RED_GREEN, out_dir=tmp_path / "whole", **kw)
 
     class StopInSecondBatch:

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def small(tiny_model_files):
     dec, clip = tiny_model_files
-    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "2", "--quiet"]
+    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "2", "--quiet", "--preset", "shapes"]
 
 
 def sha256(path) -> str:

@@ -14,7 +14,7 @@ from clipguide.cli import main
 @pytest.fixture
 def small(tiny_model_files, tmp_path):
     dec, clip = tiny_model_files
-    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2"]
+    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--preset", "shapes"]
 
 
 def run_cli(args, **kw):

@@ -18,6 +18,7 @@ from clipguide.records.files import read_png_text
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS = 4
 QUICK = {"CLIPGUIDE_EXAMPLE_STEPS": str(STEPS), "CLIPGUIDE_EXAMPLE_CUTN": "2", "CLIPGUIDE_EXAMPLE_IMAGES": "2",
+         "CLIPGUIDE_EXAMPLE_PRESET": "shapes",  # the recipe without the prior: no 512 candidates per run
          "OMP_NUM_THREADS": "1"}
 
 

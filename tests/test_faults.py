@@ -24,7 +24,7 @@ from clipguide.records.checkpoints import FILENAME, read_checkpoint
 from clipguide.cli import main
 
 # The shapes world at 64 px: about 0.1 s a step on one thread.
-CMD = ["generate", "a red circle on a blue background", "--size", "64", "--cutn", "4", "--steps", "24",
+CMD = ["generate", "a red circle on a blue background", "--preset", "shapes", "--size", "64", "--cutn", "4", "--steps", "24",
        "--snapshots", "6,12,18", "--checkpoint-every", "2", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread, as this process
 # The kill steps are drawn from this seed, so that a failure replays: CLIPGUIDE_FAULT_SEED=N pytest ... draws others.
@@ -244,7 +244,7 @@ def test_a_write_interrupted_otherwise_leaves_no_temporary_file(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_cmd(tiny_model_files):
     dec, clip = tiny_model_files
-    return ["generate", "a red circle", "--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2",
+    return ["generate", "a red circle", "--preset", "shapes", "--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2",
             "--steps", "10", "--snapshots", "2,4,6,8", "--checkpoint-every", "2", "--quiet"]
 
 

@@ -131,7 +131,7 @@ def bomb_png(side: int = 100_000) -> bytes:
 @pytest.fixture
 def tiny_flags(tiny_model_files):
     dec, clip = tiny_model_files
-    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "1", "--quiet"]
+    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "1", "--quiet", "--preset", "shapes"]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from clipguide.testing import random_vqgan
 @pytest.fixture
 def model_flags(tiny_model_files):
     dec, clip = tiny_model_files  # the tiny dVAE (with its encoder) and CLIP in their file formats
-    return dict(decoder=str(dec), clip=str(clip), size=32, cutn=2)
+    return dict(preset="shapes", decoder=str(dec), clip=str(clip), size=32, cutn=2)
 from test_vqgan import TINY
 
 

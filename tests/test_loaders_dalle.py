@@ -459,7 +459,7 @@ def test_missing_encoder_pkl_beside_a_local_decoder_is_one_line(tiny_pickles, ti
         check_fits(RunConfig(prompts=("x",), size=32, init_image=str(init)), decoder)
     _assert_one_line(err, expected)
     out = tmp_path / "run"
-    rc = main(["generate", "x", "--decoder", str(local), "--clip", str(tiny_model_files[1]), "--size", "32", "--cutn", "2",
+    rc = main(["generate", "x", "--preset", "shapes", "--decoder", str(local), "--clip", str(tiny_model_files[1]), "--size", "32", "--cutn", "2",
                "--steps", "2", "--init-image", str(init), "--out", str(out)])
     msg = capsys.readouterr().err.strip()
     assert rc == 2 and len(msg.splitlines()) == 1 and str(expected) in msg, msg
@@ -479,7 +479,7 @@ def test_generate_with_init_image_on_pickled_dvae_records_the_encoder_and_resume
     local = _copy(tiny_pickles[1], tmp_path / "dvae")
     init = tmp_path / "init.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(init)
-    kw = dict(decoder=str(local), clip=str(tiny_model_files[1]), size=32, cutn=2, seed=3, steps=4)
+    kw = dict(preset="shapes", decoder=str(local), clip=str(tiny_model_files[1]), size=32, cutn=2, seed=3, steps=4)
     reference = clipguide.generate("a red circle", out_dir=tmp_path / "ref", init_image=str(init), **kw)
     encoder_sha = weights.sha256_file(local.parent / "encoder.pkl")
     assert read_manifest(tmp_path / "ref")["models"]["decoder"]["encoder_sha256"] == encoder_sha

@@ -13,7 +13,7 @@ import torch
 
 import clipguide
 from clipguide.cli import main
-from clipguide.commands import build_parser, busy_cores, thread_note
+from clipguide.commands import build_parser, busy_cores, short_value, thread_note
 from clipguide.config import GROUPS, RunConfig
 from clipguide.engine.devices import check_device, resolve_device
 from clipguide.errors import ConfigError
@@ -26,7 +26,7 @@ CONSOLE_SCRIPT = "import sys; from clipguide.cli import main; sys.exit(main())" 
 @pytest.fixture
 def small(tiny_model_files):
     dec, clip = tiny_model_files
-    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2"]
+    return ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--preset", "shapes"]
 
 
 def test_import_loads_no_torch_and_keeps_the_exported_functions():
@@ -76,7 +76,7 @@ def test_help_groups_the_flags_and_shows_the_default_presets_values():
     for title in GROUPS.values():
         assert f"\n{title}:\n" in text, title
     assert "[preset]" not in text
-    assert f"[{defaults.steps}]" in text and f"[{','.join(map(str, defaults.pyramid))}]" in text
+    assert f"[{defaults.steps}]" in text and f"[{short_value(defaults.prior_candidates)}]" in text  # the default's own values
     titles = [line for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
     section = {t: text.split(t, 1)[1].split("\n\n", 1)[0] for t in titles}
     assert "--cut-flip" in section[GROUPS["cutouts"] + ":"] and "--threads" in section[GROUPS["speed"] + ":"]
@@ -93,7 +93,7 @@ def test_out_of_vocabulary_words_are_named():
 
 
 def test_the_cli_warns_in_one_line(capsys, tmp_path):
-    assert main(["generate", "a cat", "--steps", "1", "--cutn", "2", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert main(["generate", "a cat", "--preset", "shapes", "--steps", "1", "--cutn", "2", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len([w for w in warnings if "'cat'" in w]) == 1, warnings
 

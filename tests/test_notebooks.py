@@ -11,6 +11,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 # Small runs on one thread; an empty weights cache makes 02 take its offline path everywhere.
 QUICK = {"CLIPGUIDE_EXAMPLE_STEPS": "4", "CLIPGUIDE_EXAMPLE_CUTN": "2", "CLIPGUIDE_EXAMPLE_IMAGES": "2",
+         "CLIPGUIDE_EXAMPLE_PRESET": "shapes",  # the recipe without the prior: no 512 candidates per run
          "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 

@@ -125,7 +125,7 @@ def test_calibrate_cli_writes_a_usable_concept_file(shapes_models, tmp_path, cap
 
 def test_generate_cli_filters_and_keeps_flagged(tiny_model_files, tmp_path, capsys):
     dec, clip = tiny_model_files
-    small = ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "2", "--quiet"]
+    small = ["--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2", "--steps", "2", "--quiet", "--preset", "shapes"]
     out = tmp_path / "run"
     # threshold -1: every snapshot is flagged (a cosine is never below -1)
     assert main(["generate", "x", *small, "--filter-concepts", "anything:-1", "--keep-flagged", "--out", str(out)]) == 0

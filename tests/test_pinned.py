@@ -40,6 +40,8 @@ PINNED = {  # recorded at 7e38af9, before the restructuring
     'init-image': {'images': 'd96551ed79d5cdbe', 'losses': '13cac597b035843f', 'checkpoint': 'ef41b0ce5abf0238', 'pngs': '9efc71f5549c2c79'},
     'noise-story': {'images': 'eca4bdd8a55b71ce', 'losses': '7b7b2189cb065580', 'checkpoint': 'b497148aff8555fe', 'pngs': 'e6e9c35fefeaa2e1'},
     'shapes': {'images': 'b6bbf8b48b682f55', 'losses': '10585d740e08bdf3', 'checkpoint': '0045e5349a2a4264', 'pngs': '533089358097c94c'},
+    # the default since the eighteenth round (with 16 candidates, shortlist 4): recorded when it was added
+    'shapes-rerank': {'images': '2c88de86178fbc18', 'losses': 'a1d556dce081204c', 'checkpoint': '9f4a445bc162c508', 'pngs': '7bfd838526ce8556'},
     'terms': {'images': '164dbcef248fa807', 'losses': '346e36f544bead2f', 'checkpoint': '5069159fda48e5d9', 'pngs': '28eaa3547b3a419f'},
     'vqgan-codebook': {'images': '23de0af7522d6ce0', 'losses': '0c4c77156f8cfd68', 'checkpoint': 'ca7ced8d17885c16', 'pngs': '92a369a8e9ffe820'},
     'vqgan-gumbel': {'images': '9bd33d2fa73b58a0', 'losses': '1eb07abdeabaf114', 'checkpoint': '77457a0c884ef953', 'pngs': 'e89a4a08eb82e77b'},
@@ -88,6 +90,8 @@ def model_files(tmp_path_factory, tiny_model_files):
 def overrides(preset: str, files: dict) -> dict:
     cfg = PRESETS[preset].config
     small = dict(steps=STEPS, snapshots=SNAPSHOTS, cutn=4, seed=7)
+    if cfg.prior:  # its prior models 16 x 16 grids (128 px); fewer candidates, the same two-stage scoring
+        return dict(small, prior_candidates=16, prior_shortlist=4)
     if cfg.decoder == "shapes-dvae":
         return dict(small, size=64)
     return dict(small, size=32, decoder=files[cfg.decoder], clip=files["clip"])

@@ -6,6 +6,7 @@ import torch
 from clipguide import get_preset, optimise
 from clipguide.presets import PRESETS
 from clipguide.testing import VQGAN_ARCHITECTURES, random_clip, random_dalle_decoder, random_vqgan
+from test_options import NO_PRIOR
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def test_preset_runs_on_real_architectures(real_models, preset):
     assert decoder.vocab_size == 8192 and clip.image_size == 224
     if get_preset(preset).decoder in VQGAN_ARCHITECTURES:  # VQGAN presets: their checkpoint's architecture
         decoder = random_vqgan(VQGAN_ARCHITECTURES[get_preset(preset).decoder])
-    cfg = get_preset(preset).replace(prompts=("an armchair in the shape of an avocado",), size=32, cutn=2, steps=2, snapshots=(0,))
+    cfg = get_preset(preset).replace(prompts=("an armchair in the shape of an avocado",), size=32, cutn=2, steps=2, snapshots=(0,),
+                                     **(NO_PRIOR if get_preset(preset).prior else {}))  # shapes-prior models the shapes dVAE
     r = optimise(cfg, decoder, clip)
     assert r.images.shape == (cfg.batch, 3, 32, 32) and r.steps_done == 2
     assert torch.isfinite(r.losses).all() and r.images.min() >= 0 and r.images.max() <= 1

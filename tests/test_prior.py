@@ -77,8 +77,8 @@ def test_the_prior_term_is_its_weight_times_nats_per_code():
 
 def test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit(prior_file, tmp_path):
     kw = dict(prior=str(prior_file), prior_candidates=4, prior_weight=0.5, **SMALL)
-    a = clipguide.generate(PROMPT, out_dir=tmp_path / "a", **kw)
-    b = clipguide.generate(PROMPT, **kw)
+    a = clipguide.generate(PROMPT, "shapes", out_dir=tmp_path / "a", **kw)
+    b = clipguide.generate(PROMPT, "shapes", **kw)
     assert torch.equal(a.images, b.images) and torch.equal(a.losses, b.losses)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["models"]["prior"]["name"] == "tiny" and manifest["config"]["prior_candidates"] == 4
@@ -87,7 +87,7 @@ def test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit(p
         if state.step == 2:
             raise KeyboardInterrupt
 
-    clipguide.generate(PROMPT, out_dir=tmp_path / "c", callback=stop_at_2, **kw)
+    clipguide.generate(PROMPT, "shapes", out_dir=tmp_path / "c", callback=stop_at_2, **kw)
     resumed = clipguide.resume(tmp_path / "c")
     assert torch.equal(resumed.images, a.images) and torch.equal(resumed.losses, a.losses)
 
@@ -140,8 +140,8 @@ def test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glanc
 
 
 def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
-    base = clipguide.generate(PROMPT, **SMALL)
-    weighted = clipguide.generate(PROMPT, prior=str(prior_file), prior_weight=1.0, **SMALL)
+    base = clipguide.generate(PROMPT, "shapes", **SMALL)
+    weighted = clipguide.generate(PROMPT, "shapes", prior=str(prior_file), prior_weight=1.0, **SMALL)
     prior = load_prior(str(prior_file))
     assert float(weighted.losses[0, 0]) - float(base.losses[0, 0]) > 0.5 * bits_per_code(prior, prior.sample(
         4, torch.Generator().manual_seed(0)))  # a random prior: several nats per code on anything
@@ -164,7 +164,7 @@ def test_prior_fields_that_do_not_go_together_are_refused(fields, message):
 
 def test_a_prior_of_other_grids_or_a_missing_file_is_refused_before_the_run(prior_file, tmp_path):
     with pytest.raises(ConfigError, match="16x16 grids of 512 codes, but this run has 8x8"):
-        clipguide.generate(PROMPT, prior=str(prior_file), prior_weight=1.0, size=64, **SMALL)
+        clipguide.generate(PROMPT, "shapes", prior=str(prior_file), prior_weight=1.0, size=64, **SMALL)
     with pytest.raises(WeightsError, match="does not exist"):
         load_prior(str(tmp_path / "absent.json"))
     with pytest.raises(ConfigError, match="unknown prior"):
@@ -172,3 +172,17 @@ def test_a_prior_of_other_grids_or_a_missing_file_is_refused_before_the_run(prio
     with pytest.raises(ConfigError, match="pass the loaded prior"):
         cfg = RunConfig(prompts=(PROMPT,), prior=str(prior_file), prior_weight=1.0, **SMALL)
         clipguide.optimise(cfg, *clipguide.load_models(cfg))
+
+
+def test_an_explicit_start_replaces_the_presets_proposals_but_not_an_explicit_request_for_them():
+    """--from / --init-image / --init-noise on the default (which starts from the prior's best candidate) start
+    where the user says, keeping the prior's term; asking for candidates as well is still the clash it was."""
+    from clipguide.run.generation import make_config
+
+    assert clipguide.get_preset(clipguide.presets.DEFAULT_PRESET).prior_candidates > 0
+    for start in (dict(init_image="x.png"), dict(init_noise="pixels")):
+        cfg = make_config("a red circle", **start)
+        assert (cfg.prior, cfg.prior_candidates, cfg.prior_shortlist, cfg.prior_weight) == ("shapes-prior", 0, 0, 0.1)
+    assert make_config("a red circle", init_image="x.png", prior_weight=0.0).prior == ""  # nothing left for it to do
+    with pytest.raises(clipguide.ConfigError, match="both choose where a run starts"):
+        make_config("a red circle", init_image="x.png", prior_candidates=32)

@@ -34,7 +34,7 @@ def test_the_prior_models_the_dvaes_grid_and_its_samples_are_often_clean_scenes(
     assert prior.grid == (16, 16) and prior.vocab_size == decoder.vocab_size
     verdicts = judged(decoder, prior.sample(48, torch.Generator().manual_seed(11)))
     clean = [v.attributes for v in verdicts if None not in v.attributes]
-    assert len(clean) >= 14, len(clean)  # 0.436 of 500 at training (0.26 before priorft); noise is never clean
+    assert len(clean) >= 20, len(clean)  # 0.576 of 500 at training (0.26 before priorft); noise is never clean
     assert len(set(clean)) >= 8  # not one scene over and over
     noise = torch.randint(0, 512, (8, 16, 16), generator=torch.Generator().manual_seed(0))
     assert all(None in v.attributes for v in judged(decoder, noise))
@@ -48,7 +48,7 @@ def attributes_matched(results, pairs) -> int:
 
 def test_starting_from_the_prior_beats_a_random_start_at_equal_steps():
     pairs = TUNE[:4]
-    kw = dict(steps=10, cutn=8)
+    kw = dict(preset="shapes", steps=10, cutn=8)
     random = clipguide.generate([p for p, _ in pairs], **kw)
     proposed = clipguide.generate([p for p, _ in pairs], prior="shapes-prior", prior_candidates=24, init_scale=8.0, **kw)
     assert attributes_matched(proposed, pairs) >= attributes_matched(random, pairs) + 3  # measured: 6 against 0 on six
@@ -57,7 +57,7 @@ def test_starting_from_the_prior_beats_a_random_start_at_equal_steps():
 def test_the_prior_term_keeps_the_codes_likelier_under_the_prior(prior):
     """What the term does, measured on the codes: the refined grid stays more probable under the prior.  (That
     this makes cleaner images to the judge is not shown yet: see the benchmark's rows in docs/shapes-world.md.)"""
-    kw = dict(steps=15, cutn=4, pyramid=(), pyramid_every=0, ema=0.0)
+    kw = dict(preset="shapes", steps=15, cutn=4, pyramid=(), pyramid_every=0, ema=0.0)
     prompts = [p for p, _ in TUNE[:3]]
     codes = {}
     for w in (0.0, 1.0):
@@ -66,3 +66,13 @@ def test_the_prior_term_keeps_the_codes_likelier_under_the_prior(prior):
         codes[w] = result.latent.argmax(-1).view(len(prompts), 16, 16)  # categorical: [B, h·w, V] logits
     with torch.no_grad():
         assert float(prior.log_prob(codes[1.0]).mean()) > float(prior.log_prob(codes[0.0]).mean()) + 50
+
+
+def test_the_default_draws_the_quick_start_prompt():
+    """The default recipe (shapes-rerank) on the README's quick start: the candidate CLIP picks from the prior's
+    512 is judged the prompted scene, and refinement steps keep it (measured at 2 threads: right at step 0
+    and at its 100th step; held-out prompts: 14 of 24)."""
+    assert clipguide.get_preset(clipguide.presets.DEFAULT_PRESET).prior_candidates == 512
+    result = clipguide.generate("a red circle on a blue background", steps=10, snapshots=(0,), seed=0)
+    assert J.judge_batch(result.snapshots[0])[0].attributes == ("red", "circle", "blue")
+    assert J.judge_batch(result.images)[0].attributes == ("red", "circle", "blue")

@@ -18,7 +18,7 @@ def recorded(tmp_path, tiny_model_files):
     """A finished 3-step run on the tiny models, recorded on one thread."""
     dec, clip = tiny_model_files
     out = tmp_path / "run"
-    clipguide.generate("a red circle", steps=3, snapshots=(0, 2), seed=4, decoder=str(dec), clip=str(clip),
+    clipguide.generate("a red circle", preset="shapes", steps=3, snapshots=(0, 2), seed=4, decoder=str(dec), clip=str(clip),
                        size=32, cutn=2, out_dir=out)
     return out
 
@@ -46,7 +46,7 @@ def test_replay_reproduces_the_recorded_images_bit_for_bit(recorded, tmp_path):
 def test_a_batch_replays_run_by_run(tmp_path, tiny_model_files):
     dec, clip = tiny_model_files
     out = tmp_path / "batch"
-    clipguide.generate(["a red circle", "a blue square"], steps=2, batch=2, decoder=str(dec), clip=str(clip),
+    clipguide.generate(["a red circle", "a blue square"], preset="shapes", steps=2, batch=2, decoder=str(dec), clip=str(clip),
                        size=32, cutn=2, out_dir=out)
     report = replay(out)
     assert report.identical
@@ -97,7 +97,7 @@ def test_an_interrupted_run_replays_to_the_step_it_reached(tmp_path, tiny_model_
             raise KeyboardInterrupt
 
     out = tmp_path / "run"
-    result = clipguide.generate("a blue square", steps=5, snapshots=(1, 4), decoder=str(dec), clip=str(clip),
+    result = clipguide.generate("a blue square", preset="shapes", steps=5, snapshots=(1, 4), decoder=str(dec), clip=str(clip),
                                 size=32, cutn=2, out_dir=out, callback=stop)
     assert result.interrupted and result.steps_done == 2
     report = replay(out)
@@ -130,7 +130,7 @@ def test_a_filtered_run_replays_with_its_recorded_filter(tmp_path, tiny_model_fi
     dec, clip = tiny_model_files
     out = tmp_path / "run"
     flag_all = OutputFilter(str(clip), {"anything": -1.0}, action="blur")  # every cosine is >= -1: all blurred
-    clipguide.generate("a red circle", steps=2, decoder=str(dec), clip=str(clip), size=32, cutn=2, out_dir=out,
+    clipguide.generate("a red circle", preset="shapes", steps=2, decoder=str(dec), clip=str(clip), size=32, cutn=2, out_dir=out,
                        output_filter=flag_all)
     assert json.loads((out / "manifest.json").read_text())["snapshots"][0]["filter"]["action"] == "blur"
     report = replay(out)

@@ -159,7 +159,7 @@ def test_infinite_lr_names_the_latent_and_the_cli_says_so_on_one_line(tiny_model
     with pytest.raises(NonFiniteError, match=r"latent of run\(s\) 0 .* step 1"):
         optimise(cfg_of(lr=float("inf")), clipguide.load_decoder(str(dec)), clipguide.load_clip(str(clip)))
     out = tmp_path / "run"
-    rc = main(["generate", "x", "--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2",
+    rc = main(["generate", "x", "--preset", "shapes", "--decoder", str(dec), "--clip", str(clip), "--size", "32", "--cutn", "2",
                "--lr", "inf", "--steps", "5", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("clipguide: error:") and "step 1" in err and "step 0, stays in" in err, err
@@ -331,7 +331,7 @@ def test_checkpoint_every_must_be_a_count(tmp_path, every):
 @pytest.fixture
 def model_flags(tiny_model_files):
     dec, clip = tiny_model_files
-    return dict(decoder=str(dec), clip=str(clip), size=32, cutn=2)
+    return dict(preset="shapes", decoder=str(dec), clip=str(clip), size=32, cutn=2)
 
 
 class Crash(Exception):

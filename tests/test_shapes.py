@@ -356,12 +356,15 @@ def test_prior_stage_trains_on_the_dvaes_codes_and_writes_a_loadable_prior(tmp_p
     still = load_prior(str(tmp_path / "shapes-prior.json")).model.state_dict()
     assert all(torch.equal(still[k], v) for k, v in first.items())  # it starts from the first stage's weights
     ft = T.run_stage("priorft", tmp_path, steps=2, train_scenes=16, held_out=4, eval_samples=2)
-    assert ft["finetune"]["steps"] == 2 and ft["train"] == meta["train"]  # the first stage's record is kept
+    assert ft["train"] == meta["train"]  # the first stage's record is kept, and both continuations are listed
+    assert [run["steps"] for run in ft["finetune"]] == [1, 2] and [run["lr"] for run in ft["finetune"]] == [0.0, 1e-3]
+    assert ft["stage1"]["held_out_bits_per_code"] == meta["held_out_bits_per_code"]  # the figures before any of them
     continued = load_prior(str(tmp_path / "shapes-prior.json")).model.state_dict()
     assert any(not torch.equal(continued[k], v) for k, v in first.items())
     T.write_model_card(tmp_path)
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "stage 2 (`--only priorft`" in card and "- before stage 2:" in card
+    assert "stage 2 (`--only priorft`)" in card and "stage 3 (`--only priorft`, the figures below" in card
+    assert "- before stage 2:" in card
 
 
 def test_train_shapes_knows_only_the_shipped_stages(tmp_path):

@@ -49,10 +49,10 @@ PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the p
     "clipft": ("24e793f3d3caa27f", "4783dadb52186ebb"),
     "clipframe": ("f8b74f3c87656b8b", "bff379717f693c0d"),
     "cliprobust": ("5f856e3f4f55cb67", "9c08dc64550c085d"),
-    "prior": ("7c539169651a24a9", "a9472de3e78e7f43"),  # the token prior stage, added later
-    "priorft": ("ce1392230430b21c", "dc27bd9fb4267834"),  # its continuation, added in the seventeenth round
+    "prior": ("7c539169651a24a9", "c275aedc89d162c0"),  # the token prior stage, added later (json: threads since round 18)
+    "priorft": ("ce1392230430b21c", "780fd69e58021dab"),  # its continuation (seventeenth round; its json lists the runs since the 18th)
 }
-PINNED_CARD = "bd8d01f7eb707473"  # with the prior's section, its priorft lines and the card's lines about it
+PINNED_CARD = "cc022d6dab394eae"  # with the prior's section, its priorft lines and the card's lines about it
 MODEL = {"clip": "clip", "dvae": "dvae", "dvaeft": "dvae", "vqgan": "vqgan", "vqganft": "vqgan", "clipft": "clip",
          "clipframe": "clip", "cliprobust": "clip", "prior": "prior", "priorft": "prior"}
 

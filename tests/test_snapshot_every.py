@@ -22,7 +22,7 @@ from clipguide.run.snapshots import SHEET_INTERVAL_COLUMNS, on_sheet
 @pytest.fixture
 def model_flags(tiny_model_files):
     dec, clip = tiny_model_files  # the tiny dVAE (with its encoder) and CLIP in their file formats
-    return dict(decoder=str(dec), clip=str(clip), size=32, cutn=2)
+    return dict(preset="shapes", decoder=str(dec), clip=str(clip), size=32, cutn=2)
 
 
 def steps_of(run) -> list[int]:

@@ -95,11 +95,11 @@ def test_generate_one_call(tmp_path, tiny_model_files):
 
     dec, clip = tiny_model_files
     out = tmp_path / "g"
-    r = clipguide.generate("a red circle", steps=3, snapshots=(1,), seed=5, out_dir=out, decoder=str(dec), clip=str(clip),
+    r = clipguide.generate("a red circle", preset="shapes", steps=3, snapshots=(1,), seed=5, out_dir=out, decoder=str(dec), clip=str(clip),
                            size=32, cutn=2)
     assert r.steps_done == 3 and set(r.snapshots) == {1} and r.runs == [("a red circle", 5)]
     assert (out / "step_000001.png").exists() and (out / "step_000003.png").exists()
-    again = clipguide.generate("a red circle", steps=3, seed=5, decoder=str(dec), clip=str(clip), size=32, cutn=2)
+    again = clipguide.generate("a red circle", preset="shapes", steps=3, seed=5, decoder=str(dec), clip=str(clip), size=32, cutn=2)
     assert torch.equal(again.images, r.images)  # no out_dir: nothing written, same image
 
 

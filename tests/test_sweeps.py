@@ -212,7 +212,7 @@ def test_a_killed_ray_worker_is_retried_and_the_sweep_completes_identical(local_
 def test_a_bias_audit_on_ray_counts_what_the_local_audit_counts(local_ray, tmp_path):
     from clipguide import audit_bias
 
-    kw = dict(images_per_prompt=2, steps=2, seed=3, batch_size=4)
+    kw = dict(preset="shapes", images_per_prompt=2, steps=2, seed=3, batch_size=4)
     local = audit_bias(PROMPTS, ("a red shape", "a green shape"), out_dir=tmp_path / "local", **kw)
     on_ray = audit_bias(PROMPTS, ("a red shape", "a green shape"), out_dir=tmp_path / "ray", executor="ray",
                         **{**kw, "batch_size": 1})

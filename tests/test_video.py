@@ -20,7 +20,7 @@ STEPS = (0, 1, 2, 3, 4)
 def run_dir(tmp_path_factory):
     """A batch of two runs (run_00, run_01) with a snapshot at every step, zooming every 2 steps."""
     out = tmp_path_factory.mktemp("video") / "run"
-    clipguide.generate("a red circle", out_dir=out, batch=2, steps=4, size=64, cutn=2, snapshots=STEPS,
+    clipguide.generate("a red circle", preset="shapes", out_dir=out, batch=2, steps=4, size=64, cutn=2, snapshots=STEPS,
                        zoom_every=2, zoom_scale=1.2)
     return out
 

@@ -114,7 +114,7 @@ def test_zoom_flags_reach_the_manifest(tmp_path):
     from clipguide.cli import main
 
     out = tmp_path / "run"
-    assert main(["generate", "a red circle", "--steps", "2", "--size", "64", "--cutn", "2", "--quiet", "--out", str(out),
+    assert main(["generate", "a red circle", "--preset", "shapes", "--steps", "2", "--size", "64", "--cutn", "2", "--quiet", "--out", str(out),
                  "--zoom-every", "1", "--zoom-scale", "1.05", "--zoom-shift=-2,1"]) == 0
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["zoom_every"], config["zoom_scale"], config["zoom_shift"]) == (1, 1.05, [-2, 1])

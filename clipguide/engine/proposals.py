@@ -37,7 +37,8 @@ def check_prior(cfg, prior, vocab: int, grid: tuple[int, int]) -> None:
     if prior.vocab_size != vocab or tuple(prior.grid) != tuple(grid):
         h, w = prior.grid
         raise ConfigError(f"--prior {cfg.prior} models {h}x{w} grids of {prior.vocab_size} codes, but this run has "
-                          f"{grid[0]}x{grid[1]} of {vocab}: use the decoder it was trained for, and --size W,H to match")
+                          f"{grid[0]}x{grid[1]} of {vocab}: use the decoder it was trained for, and --size W,H to match "
+                          "(or a preset without a prior, e.g. --preset shapes)")
 
 
 def propose(cfg, prior, decoder, clip, targets, seeds) -> torch.Tensor:

@@ -24,13 +24,14 @@ from ..errors import ClipguideError, ConfigError
 from ..models.clip import parse_clip_spec
 from ..models.decoders import DECODERS
 from ..paths import DATA_DIR
-from ..presets import get_preset
+from ..presets import DEFAULT_PRESET, get_preset
 from ..sweeps.driver import sweep
 
 DATA = DATA_DIR / "seed_experiments.json"
 STEPS_ENV = "CLIPGUIDE_EXAMPLE_STEPS"
 CUTN_ENV = "CLIPGUIDE_EXAMPLE_CUTN"
 IMAGES_ENV = "CLIPGUIDE_EXAMPLE_IMAGES"
+PRESET_ENV = "CLIPGUIDE_EXAMPLE_PRESET"
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,15 @@ def _env_int(name: str) -> int | None:
     return int(text)
 
 
-def example_steps(default: int) -> int:
+def example_steps(default: int | None) -> int | None:
     """Run length of an example or notebook: ``$CLIPGUIDE_EXAMPLE_STEPS`` if set, else ``default``."""
     return _env_int(STEPS_ENV) or default
+
+
+def example_preset(default: str = DEFAULT_PRESET) -> str:
+    """The preset of an example or notebook: ``$CLIPGUIDE_EXAMPLE_PRESET`` if set (the tests run the fast
+    ``shapes``, which has no prior to sample), else ``default``."""
+    return os.environ.get(PRESET_ENV, "").strip() or default
 
 
 def example_cutn(default: int | None = None) -> int | None:

@@ -16,10 +16,16 @@ from .session import run_session
 
 def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig:
     """A preset's config with the given fields replaced (``None`` values keep the preset's) and
-    its device resolved (``auto`` -> the device the run will use)."""
+    its device resolved (``auto`` -> the device the run will use).  A start given here (``init_image``,
+    ``init_noise``) replaces the preset's own proposals from its prior unless ``prior_candidates`` is given too."""
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return get_preset(preset).replace(prompts=prompts, **changes).resolved()
+    base = get_preset(preset)
+    if (changes.get("init_image") or changes.get("init_noise")) and "prior_candidates" not in changes:
+        changes.update(prior_candidates=0, prior_shortlist=0)  # e.g. --from RUN_DIR on the default, shapes-rerank
+        if not changes.get("prior_weight", base.prior_weight):
+            changes.setdefault("prior", "")  # the prior had nothing else to do
+    return base.replace(prompts=prompts, **changes).resolved()
 
 
 def vocabulary_note(cfg: RunConfig) -> str | None:

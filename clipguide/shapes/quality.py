@@ -19,6 +19,7 @@ from ..engine.losses import cosine_similarities
 from ..engine.objective import Objective, PixelObjective
 from ..engine.prompts import encode_targets
 from ..engine.proposals import proposal_seed, propose
+from ..models.loading import load_prior_of
 from . import judge as judge_mod
 from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
@@ -171,8 +172,9 @@ def pool_share(frequency: dict, wanted, n: int) -> float:
 
 def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25, prior=None) -> dict:
     """Run ``cfg`` on (prompt, attributes) pairs (x cfg.batch seeds) in one batch and judge the results
-    (``prior``: the token prior ``cfg.prior`` names; its proposals count in the time)."""
+    (``prior``: the token prior ``cfg.prior`` names, loaded here when not given; its proposals count in the time)."""
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs))
+    prior = prior if prior is not None else load_prior_of(cfg)
     targets = [t for _, t in pairs for _ in range(cfg.batch)]
     tracker = JudgeEvery(targets, judge_every)
     t0 = time.perf_counter()

@@ -27,6 +27,8 @@ NOTES = """\
   sharp triangle and rejected most of them (shape 0.635 on reconstructions); the judge now fits a triangle whose
   corners may be rounded up to 0.15 of its side (its IoU threshold, 0.85, is unchanged; rendered scenes and the
   distractor kinds are judged as before, see the tests) and reads 0.91 of the reconstructions right.
+- Prior: `prior` and `priorft` ran as one process on 2 threads, 20.2 + 35.9 min wall end to end (each encodes
+  12500 scenes first, about 6-8 min), with a short test run beside it during the first stage's encoding.
 - VQGAN: under-trained; with ~10+5 minutes of 1 loaded thread its reconstructions are far from usable (see its
   metrics).  It loads and runs through exactly the taming code path, which is what the tests and the generation
   code exercise, but do not expect CLIP-guided VQGAN generations in the shapes world to be judged right.
@@ -76,12 +78,12 @@ def _header(files) -> list[str]:
          "T='python -m clipguide.shapes.train --threads 1 --only'",
          "$T clip & ($T dvae && $T dvaeft); wait",
          "($T vqgan && $T vqganft) & ($T clipft && $T clipframe && $T cliprobust); wait",
-         "$T prior   # after dvaeft: it models the final dVAE's codes",
-         "$T priorft # then continues it on other scenes' codes",
+         "# after dvaeft (it models the final dVAE's codes), alone on both cores:",
+         "python -m clipguide.shapes.train --threads 2 --only prior,priorft",
          "```",
          "(two lines of two parallel chains: 18 | 14 + 6 min, then 10 + 5 | 8 + 1 + 12 min at the reference speed,",
-         "41 min in all on 2 cores; the shipped stages ran one or two at a time on a loaded machine, see the timings",
-         "below and the limitations.)",
+         "41 min in all on 2 cores; then the prior, 56 min on 2 threads with its scenes' encoding.  The",
+         "shipped stages ran one or two at a time on a loaded machine, see the timings below and the limitations.)",
          "(`clipguide train-shapes ARGS` is the same; with no `--only` all ten stages run one after another in",
          "one process.  Stages: clip = contrastive CLIP; dvae = Gumbel-softmax dVAE; dvaeft = dVAE continued with",
          "hard straight-through codes and an edge-weighted loss; vqgan; vqganft = VQGAN continued; clipft = CLIP",
@@ -167,21 +169,27 @@ def _clip_stages(m: dict) -> list[str]:
 def _prior_section(m: dict) -> list[str]:
     """The token prior's lines: architecture, training (and the ``priorft`` continuation when there is one),
     held-out likelihood and the judge on its samples (after the last stage; the first stage's below it)."""
-    tr, ft = m["train"], m.get("finetune")
+    tr, fts = m["train"], m.get("finetune", [])
     L = ["## shapes-prior (autoregressive transformer over shapes-dvae's codes)", "",
          f"- architecture: `{json.dumps(m['config'])}` (start token, learnt positions, pre-norm blocks); "
          "autoregressive, so it scores a grid exactly in one pass and samples code by code.",
          f"- training: the shapes-dvae encoder's argmax codes of {tr['train_scenes']} fresh scenes (seed "
-         f"{tr['seed']}), `{json.dumps({k: v for k, v in tr.items() if k not in ('seconds', 'train_scenes', 'seed')})}`, "
-         f"cross-entropy, AdamW; {tr['seconds'] / 60:.1f} min on 1 thread (`--only prior`)."]
-    if ft:
-        L += [f"- stage 2 (`--only priorft`, the figures below are after it): continued on the codes of "
-              f"{ft['train_scenes']} other fresh scenes, `{json.dumps({k: ft[k] for k in ('steps', 'batch', 'lr')})}`; "
-              f"{ft['seconds'] / 60:.1f} min on 1 thread."]
+         f"{tr['seed']}), `{json.dumps({k: v for k, v in tr.items() if k not in ('seconds', 'train_scenes', 'seed', 'threads')})}`, "
+         f"cross-entropy, AdamW; {_minutes_on(tr)} (`--only prior`)."]
+    L += [f"- stage {i} (`--only priorft`{', the figures below are after it' if i == len(fts) + 1 else ''}): continued "
+          f"on the codes of {ft['train_scenes']} other fresh scenes (seed {ft['seed']}), "
+          f"`{json.dumps({k: ft[k] for k in ('steps', 'batch', 'lr')})}`; {_minutes_on(ft)}."
+          for i, ft in enumerate(fts, start=2)]
     L += _prior_figures(m)
-    if ft:
+    if fts:
         L += ["- before stage 2:", *("  " + line for line in _prior_figures(m["stage1"]))]
     return L + [""]
+
+
+def _minutes_on(run: dict) -> str:
+    """"12.3 min on 2 threads": a training run's time and its thread count (1 where it was not recorded)."""
+    threads = run.get("threads", 1)
+    return f"{run['seconds'] / 60:.1f} min on {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _prior_figures(m: dict) -> list[str]:

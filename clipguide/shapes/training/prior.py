@@ -96,16 +96,17 @@ def train_prior(out_dir: Path, seed: int = 0, steps: int = 1500, batch: int = 32
     metrics = measure_prior(model, dec, held, eval_samples, seed + 7003)
     meta = {"kind": "token_gpt", "config": dataclasses.asdict(model.cfg), "decoder": "shapes-dvae",
             "decoder_sha256": sha256_file(Path(out_dir) / "shapes-dvae.safetensors"), "train": {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
-            "train_scenes": train_scenes, "seconds": round(seconds, 1)}, **metrics}
+            "train_scenes": train_scenes, "threads": torch.get_num_threads(), "seconds": round(seconds, 1)}, **metrics}
     return save_prior(out_dir, model, meta, trained_by)
 
 
-def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int = 32, lr: float = 1e-3,
+def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 3500, batch: int = 32, lr: float = 1e-3,
                    train_scenes: int = 12000, held_out: int = 500, eval_samples: int = 500,
                    trained_by: str = COMMAND) -> dict:
     """Stage ``priorft``: continue shapes-prior on the codes of ``train_scenes`` other fresh scenes (a second
     cosine from a lower peak), measured as stage ``prior`` is, on the same held-out scenes and sample seed;
-    rewrites ``shapes-prior`` and keeps the first stage's figures under ``stage1``."""
+    rewrites ``shapes-prior``, keeps the first stage's figures under ``stage1`` and appends this run to
+    ``finetune`` (so running it twice continues it twice and records both)."""
     enc, dec, _ = load_dvae_from(out_dir)
     meta = read_meta(out_dir, "shapes-prior")
     model = load_json_prior(Path(out_dir) / "shapes-prior.json").model  # the checked loader runs use
@@ -114,9 +115,11 @@ def finetune_prior(out_dir: Path, seed: int = 0, steps: int = 2000, batch: int =
     data, held = encode_scenes(enc, train_scenes, seed + 7011), encode_scenes(enc, held_out, seed + 7002)
     seconds = fit_prior(model, data, steps, batch, lr, gen, "priorft", warmup=50)
     metrics = measure_prior(model, dec, held, eval_samples, seed + 7003)
-    stage1 = {k: meta[k] for k in metrics}
-    meta = {**meta, **metrics, "stage1": stage1, "finetune": {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
-            "train_scenes": train_scenes, "seconds": round(seconds, 1), "trained_by": trained_by}}
+    run = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "train_scenes": train_scenes,
+           "threads": torch.get_num_threads(), "seconds": round(seconds, 1), "trained_by": trained_by}
+    # a later priorft continues this one: the first stage's figures stay, and the runs are listed in order
+    meta = {**meta, **metrics, "stage1": meta.get("stage1", {k: meta[k] for k in metrics}),
+            "finetune": [*meta.get("finetune", []), run]}
     return save_prior(out_dir, model, meta, trained_by)
 
 
