@@ -186,3 +186,7 @@ def test_an_explicit_start_replaces_the_presets_proposals_but_not_an_explicit_re
     assert make_config("a red circle", init_image="x.png", prior_weight=0.0).prior == ""  # nothing left for it to do
     with pytest.raises(clipguide.ConfigError, match="both choose where a run starts"):
         make_config("a red circle", init_image="x.png", prior_candidates=32)
+    assert make_config("a red circle", prior_candidates=8).prior_shortlist == 8  # the default's 32 would not fit
+    assert make_config("a red circle", prior_candidates=64).prior_shortlist == 32
+    with pytest.raises(clipguide.ConfigError, match="--prior-shortlist"):
+        make_config("a red circle", prior_candidates=8, prior_shortlist=9)  # asked for: still refused

@@ -17,7 +17,8 @@ from .session import run_session
 def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig:
     """A preset's config with the given fields replaced (``None`` values keep the preset's) and
     its device resolved (``auto`` -> the device the run will use).  A start given here (``init_image``,
-    ``init_noise``) replaces the preset's own proposals from its prior unless ``prior_candidates`` is given too."""
+    ``init_noise``) replaces the preset's own proposals from its prior unless ``prior_candidates`` is given too, and
+    the preset's ``prior_shortlist`` shrinks to fewer ``prior_candidates`` given without one."""
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     changes = {k: v for k, v in overrides.items() if v is not None}
     base = get_preset(preset)
@@ -25,6 +26,8 @@ def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig
         changes.update(prior_candidates=0, prior_shortlist=0)  # e.g. --from RUN_DIR on the default, shapes-rerank
         if not changes.get("prior_weight", base.prior_weight):
             changes.setdefault("prior", "")  # the prior had nothing else to do
+    elif "prior_candidates" in changes and "prior_shortlist" not in changes:  # the preset's shortlist fits fewer
+        changes["prior_shortlist"] = min(base.prior_shortlist, changes["prior_candidates"])
     return base.replace(prompts=prompts, **changes).resolved()
 
 
