@@ -188,6 +188,21 @@ _add(
 DEFAULT_PRESET = "shapes-rerank"
 
 
+def fit_to_preset(base: RunConfig, changes: dict) -> dict:
+    """``changes`` to a preset's config, with the preset's prior fields adjusted to them (every caller that
+    overrides a preset uses this: generate, the CLI, sweeps).  A start given (``init_image``, ``init_noise``)
+    replaces the preset's proposals unless ``prior_candidates`` is given too; fewer ``prior_candidates`` given
+    without a ``prior_shortlist`` shrink the preset's shortlist to them."""
+    changes = dict(changes)
+    if (changes.get("init_image") or changes.get("init_noise")) and "prior_candidates" not in changes:
+        changes.update(prior_candidates=0, prior_shortlist=0)  # e.g. --from RUN_DIR on the default, shapes-rerank
+        if not changes.get("prior_weight", base.prior_weight):
+            changes.setdefault("prior", "")  # the prior had nothing else to do
+    elif "prior_candidates" in changes and "prior_shortlist" not in changes:
+        changes["prior_shortlist"] = min(base.prior_shortlist, changes["prior_candidates"])
+    return changes
+
+
 def get_preset(name: str) -> RunConfig:
     """The config of a preset, or a ConfigError naming the closest ones."""
     if name not in PRESETS:

@@ -190,3 +190,8 @@ def test_an_explicit_start_replaces_the_presets_proposals_but_not_an_explicit_re
     assert make_config("a red circle", prior_candidates=64).prior_shortlist == 32
     with pytest.raises(clipguide.ConfigError, match="--prior-shortlist"):
         make_config("a red circle", prior_candidates=8, prior_shortlist=9)  # asked for: still refused
+    from clipguide.sweeps.spec import SweepSpec  # a sweep overrides the preset by the same rule
+
+    points = SweepSpec.from_dict({"prompt": "a red circle", "axes": {"prior_candidates": [8, 64]}})
+    assert [(p.config.prior_candidates, p.config.prior_shortlist) for p in points.points()] == [(8, 8), (64, 32)]
+    assert SweepSpec.from_dict({"prompt": "x", "init_noise": "pixels", "axes": {"seed": [0]}}).points()[0].config.prior_candidates == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..engine.prompts import parse_prompt
 from ..engine.state import Result
-from ..presets import DEFAULT_PRESET, get_preset
+from ..presets import DEFAULT_PRESET, fit_to_preset, get_preset
 from ..shapes.scenes import COLOUR_NAMES, SHAPES, unknown_words
 from .checkpoints import DEFAULT_EVERY
 from .session import run_session
@@ -16,19 +16,12 @@ from .session import run_session
 
 def make_config(prompts, preset: str = DEFAULT_PRESET, **overrides) -> RunConfig:
     """A preset's config with the given fields replaced (``None`` values keep the preset's) and
-    its device resolved (``auto`` -> the device the run will use).  A start given here (``init_image``,
-    ``init_noise``) replaces the preset's own proposals from its prior unless ``prior_candidates`` is given too, and
-    the preset's ``prior_shortlist`` shrinks to fewer ``prior_candidates`` given without one."""
+    its device resolved (``auto`` -> the device the run will use); :func:`fit_to_preset` says how a given start
+    or candidate count adjusts the preset's prior fields."""
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     changes = {k: v for k, v in overrides.items() if v is not None}
     base = get_preset(preset)
-    if (changes.get("init_image") or changes.get("init_noise")) and "prior_candidates" not in changes:
-        changes.update(prior_candidates=0, prior_shortlist=0)  # e.g. --from RUN_DIR on the default, shapes-rerank
-        if not changes.get("prior_weight", base.prior_weight):
-            changes.setdefault("prior", "")  # the prior had nothing else to do
-    elif "prior_candidates" in changes and "prior_shortlist" not in changes:  # the preset's shortlist fits fewer
-        changes["prior_shortlist"] = min(base.prior_shortlist, changes["prior_candidates"])
-    return base.replace(prompts=prompts, **changes).resolved()
+    return base.replace(prompts=prompts, **fit_to_preset(base, changes)).resolved()
 
 
 def vocabulary_note(cfg: RunConfig) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError, error_detail
-from ..presets import DEFAULT_PRESET, get_preset
+from ..presets import DEFAULT_PRESET, fit_to_preset, get_preset
 
 #: the sweep's own keys (anything else in a spec is a RunConfig field) -> what they set
 SWEEP_KEYS = {
@@ -219,8 +219,8 @@ def make_point(index: int, values: dict, spec: SweepSpec) -> Point:
     if not isinstance(prompt, str):
         raise ConfigError(f"{where} has no prompt: add a prompt axis, or \"prompt\": \"...\"")
     try:
-        base = get_preset(preset).to_dict()
-        config = RunConfig.from_dict({**base, **fields, "prompts": [prompt], "batch": 1})
+        base = get_preset(preset)
+        config = RunConfig.from_dict({**base.to_dict(), **fit_to_preset(base, fields), "prompts": [prompt], "batch": 1})
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
