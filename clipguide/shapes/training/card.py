@@ -29,6 +29,11 @@ NOTES = """\
   distractor kinds are judged as before, see the tests) and reads 0.91 of the reconstructions right.
 - Prior: `prior` and `priorft` ran as one process on 2 threads, 20.2 + 35.9 min wall end to end (each encodes
   12500 scenes first, about 6-8 min), with a short test run beside it during the first stage's encoding.
+- CLIP stage 5 (clipprior) ran on 2 threads beside two benchmark processes (load 4): 12.5 min drawing, decoding
+  and judging its 3072 samples, then 13.4 min of steps.  Alone on 2 threads the same 600 steps took 3.6 min
+  (a pilot), and drawing 3072 samples as two processes of 1536 on one thread each 2.6 min, hence "about
+  8 min" above.  The pixel robustness line was not
+  re-measured after it.
 - VQGAN: under-trained; with ~10+5 minutes of 1 loaded thread its reconstructions are far from usable (see its
   metrics).  It loads and runs through exactly the taming code path, which is what the tests and the generation
   code exercise, but do not expect CLIP-guided VQGAN generations in the shapes world to be judged right.
@@ -80,11 +85,14 @@ def _header(files) -> list[str]:
          "($T vqgan && $T vqganft) & ($T clipft && $T clipframe && $T cliprobust); wait",
          "# after dvaeft (it models the final dVAE's codes), alone on both cores:",
          "python -m clipguide.shapes.train --threads 2 --only prior,priorft",
+         "# then the CLIP fine-tuned on the prior's samples (it rewrites shapes-clip):",
+         "python -m clipguide.shapes.train --threads 2 --only clipprior",
          "```",
          "(two lines of two parallel chains: 18 | 14 + 6 min, then 10 + 5 | 8 + 1 + 12 min at the reference speed,",
-         "41 min in all on 2 cores; then the prior, 56 min on 2 threads with its scenes' encoding.  The",
+         "41 min in all on 2 cores; then the prior, 56 min on 2 threads with its scenes' encoding, and clipprior,",
+         "about 8 min on 2 threads with its samples' drawing and judging.  The",
          "shipped stages ran one or two at a time on a loaded machine, see the timings below and the limitations.)",
-         "(`clipguide train-shapes ARGS` is the same; with no `--only` all ten stages run one after another in",
+         "(`clipguide train-shapes ARGS` is the same; with no `--only` all eleven stages run one after another in",
          "one process.  Stages: clip = contrastive CLIP; dvae = Gumbel-softmax dVAE; dvaeft = dVAE continued with",
          "hard straight-through codes and an edge-weighted loss; vqgan; vqganft = VQGAN continued; clipft = CLIP",
          "fine-tuned against adversarial images decoded by the shipped dVAE; clipframe = CLIP fine-tuned with",
@@ -92,7 +100,8 @@ def _header(files) -> list[str]:
          "trained on as its L2 pixel-space adversarial version, Madry et al. 2018 / Wong et al. 2020), so that its",
          "image gradients point at what a prompt looks like, as robust models' do (Santurkar et al. 2019); prior =",
          "an autoregressive transformer over the final dVAE's codes of rendered scenes, which never sees text;",
-         "priorft = the prior continued on the codes of other scenes, at a lower learning rate.)", "",
+         "priorft = the prior continued on the codes of other scenes, at a lower learning rate; clipprior = the",
+         "CLIP fine-tuned on the prior's decoded samples, rated by the pixel judge, so that it ranks them.)", "",
          f"Shipped files ({total / 1e6:.2f} MB in total):", ""]
     L += [f"- `{f.name}`: {f.stat().st_size / 1e6:.2f} MB" for f in files] + [""]
     return L
@@ -156,14 +165,27 @@ def _clip_stages(m: dict) -> list[str]:
     for name, stage, n, what in NEGATIVE_STAGES:
         if name in present:
             ft = m[f"finetune_{name}"]
-            L += [_last_clip_stage(stage, n, last=name == present[-1], robust="4" if "robust" in present else "2")
+            L += [_last_clip_stage(stage, n, last=name == present[-1] and "finetune_prior" not in m, robust="4" if "robust" in present else "2")
                   + f"{ft['steps']} steps, lr {ft['lr']}, {ft['batch_real']} scenes + "
                   f"{ft['batch_distractors']} distractors + {what(ft)}; "
                   f"{ft['seconds'] / 60:.1f} min on 1 thread; zero-shot before it "
                   f"{json.dumps(m['metrics'].get(f'before_{name}_finetune'))}"
                   + (f"; pixel robustness before it {json.dumps(m['metrics'][f'before_{name}_pixel_robustness'])}"
                      if f"before_{name}_pixel_robustness" in m["metrics"] else "")]
-    return L
+    return L + _clip_prior_line(m)
+
+
+def _clip_prior_line(m: dict) -> list[str]:
+    """The line of stage 5, clipprior, when the json records it."""
+    ft = m.get("finetune_prior")
+    if ft is None:
+        return []
+    return [f"- stage 5 (clipprior, the zero-shot numbers above are after it): {ft['steps']} steps, lr {ft['lr']}, "
+            f"{ft['batch_real']} scenes + {ft['batch_distractors']} distractors + {ft['positives']} of the prior's "
+            f"decoded samples that the judge reads as a clean scene, under its captions, and {ft['spoilt']} others "
+            f"as negatives, each beside a fresh scene of its colours ({ft['samples']} samples drawn, "
+            f"{ft['samples_clean']} clean); {_minutes_on(ft)}; zero-shot before it "
+            f"{json.dumps(m['metrics'].get('before_prior_finetune'))}"]
 
 
 def _prior_section(m: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """Train the shapes-world models: a tiny open_clip CLIP, a dall_e dVAE, a taming VQGAN and a token prior.
 
-    python -m clipguide.shapes.train [--out DIR] [--seed 0] [--only clip,dvae,...,prior,priorft] [--minutes M] [--threads 1]
+    python -m clipguide.shapes.train [--out DIR] [--seed 0] [--only clip,dvae,...,prior,priorft,clipprior] [--minutes M] [--threads 1]
     python -m clipguide.shapes.train --rejudge [--out DIR]   # re-measure the decoders after a judge change
 
 Runs are step-budgeted (not time-budgeted), so a run is deterministic for a given seed,
@@ -22,6 +22,7 @@ import torch
 from ...errors import ConfigError
 from ...paths import SHAPES_MODELS
 from .card import write_model_card
+from .clip_prior import finetune_clip_prior
 from .clip_stages import finetune_clip_dvae_adversarial, finetune_clip_frame, finetune_clip_robust, train_clip
 from .common import COMMAND, DEFAULT_MINUTES, EVAL_SCENES, eval_recon, log, stage_steps
 from .dvae import dvae_reconstruct, finetune_dvae, load_dvae_from, train_dvae
@@ -31,10 +32,12 @@ from .vqgan import finetune_vqgan, load_vqgan_from, train_vqgan, vqgan_reconstru
 MODELS_DIR = SHAPES_MODELS
 # clipft: CLIP fine-tune against dVAE-decoded adversarial images; clipframe: then with frame-cut shapes as negatives;
 # cliprobust: then adversarially (L2 PGD/FGSM in pixel space), for perceptually aligned gradients;
-# prior: the token prior over the final dVAE's codes; priorft: the prior continued on other scenes
+# prior: the token prior over the final dVAE's codes; priorft: the prior continued on other scenes;
+# clipprior: the CLIP fine-tuned on the prior's samples, rated by the judge, to rank them
 STAGE_FUNCTIONS = {"clip": train_clip, "dvae": train_dvae, "dvaeft": finetune_dvae, "vqgan": train_vqgan,
                    "vqganft": finetune_vqgan, "clipft": finetune_clip_dvae_adversarial, "clipframe": finetune_clip_frame,
-                   "cliprobust": finetune_clip_robust, "prior": train_prior, "priorft": finetune_prior}
+                   "cliprobust": finetune_clip_robust, "prior": train_prior, "priorft": finetune_prior,
+                   "clipprior": finetune_clip_prior}
 STAGES = tuple(STAGE_FUNCTIONS)  # the order of a whole run: a stage reads what the earlier ones wrote
 
 
@@ -107,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                          "codes; clipft fine-tunes the CLIP against adversarial images decoded by the dVAE, it needs both in "
                          "--out; clipframe then fine-tunes it with shapes cut by the frame as negatives; cliprobust then "
                          "fine-tunes it adversarially, L2 pixel-space attacks; prior models the dVAE's codes and priorft "
-                         "continues it)")
+                         "continues it; clipprior then fine-tunes the CLIP on the prior's samples, rated by the judge)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget per model in minutes; converted to a step count at the reference speed "
                          f"(defaults: {DEFAULT_MINUTES})")

@@ -20,9 +20,9 @@ COMMAND = "python -m clipguide.shapes.train"
 
 # Reference step rates (steps per minute, 1 thread, reference machine) and default budgets (minutes).
 STEPS_PER_MIN = {"clip": 55.0, "dvae": 170.0, "dvaeft": 110.0, "vqgan": 60.0, "vqganft": 60.0, "clipft": 30.0,
-                 "clipframe": 150.0, "cliprobust": 55.0, "prior": 60.0, "priorft": 50.0}
+                 "clipframe": 150.0, "cliprobust": 55.0, "prior": 60.0, "priorft": 50.0, "clipprior": 120.0}
 DEFAULT_MINUTES = {"clip": 18.0, "dvae": 14.0, "dvaeft": 6.0, "vqgan": 10.0, "vqganft": 5.0, "clipft": 8.0, "clipframe": 1.0,
-                   "cliprobust": 11.0, "prior": 25.0, "priorft": 70.0}
+                   "cliprobust": 11.0, "prior": 25.0, "priorft": 70.0, "clipprior": 5.0}
 EVAL_SCENES = 200  # fresh scenes the decoders' reconstructions are measured on
 
 
