@@ -383,13 +383,17 @@ def test_clipprior_trains_on_the_priors_samples_as_the_judge_rates_them(tmp_path
         shutil.copy(f, tmp_path)
     images, rated = rated_samples(tmp_path, 24, seed=0)  # what the stage below draws
     assert images.dtype == torch.uint8 and images.shape == (24, 3, 128, 128) and len(rated) == 24
-    batches = _RatedBatches(images, rated, batch=4, n_neg=2, n_pos=3, n_spoilt=3)
+    batches = _RatedBatches(images, rated, n_pos=3, n_spoilt=3)
     assert batches.clean and batches.spoilt  # the shipped prior draws both
-    x, text, scenes, tmpl = batches.draw(np.random.default_rng(0), torch.Generator().manual_seed(0))
-    n_real = len(scenes)
-    assert x.shape[0] == n_real + 2 + 3 and text.shape[0] == n_real + len(S.NEUTRAL_CAPTIONS)
-    assert all((s.colour, s.shape, s.background) in {rated[i] for i in batches.clean} for s in scenes[-3:])
-    targets = C._soft_targets(scenes, tmpl, x.shape[0], text.shape[0])
+    drawn = batches.draw(np.random.default_rng(0))
+    pos_scenes, pos_images = drawn["positives"]
+    assert pos_images.shape == drawn["extra_negatives"].shape == (3, 3, 128, 128) and len(drawn["paired"]) <= 3
+    assert all((s.colour, s.shape, s.background) in {rated[i] for i in batches.clean} for s in pos_scenes)
+    scenes = S.sample_scenes(4, 0) + pos_scenes  # as step_with_negatives lays out its batch: the positives join the scenes
+    tmpl = np.zeros(len(scenes), dtype=int)
+    n_real, text = len(scenes), C.caption_tokens(scenes, tmpl)
+    assert text.shape[0] == n_real + len(S.NEUTRAL_CAPTIONS)
+    targets = C._soft_targets(scenes, tmpl, n_real + 2 + 3, text.shape[0])
     assert targets[n_real:, n_real:].eq(1).all() and targets[n_real:, :n_real].eq(0).all()  # spoilt: neutral only
     assert targets[n_real - 3 : n_real].sum(1).ge(1).all()  # each clean sample matches its own caption at least
     before = C.load_clip_from(tmp_path)[0].state_dict()

@@ -27,7 +27,7 @@ from .dvae import build_dvae, dvae_reconstruct, finetune_dvae, load_dvae_from, t
 from .vqgan import build_vqgan, finetune_vqgan, load_vqgan_from, train_vqgan, vqgan_reconstruct
 
 __all__ = ["MODELS_DIR", "STAGES", "build_clip", "build_dvae", "build_vqgan", "clip_zero_shot", "dvae_reconstruct",
-           "finetune_clip_dvae_adversarial", "finetune_clip_frame", "finetune_clip_prior", "finetune_clip_robust", "finetune_dvae",
-           "finetune_vqgan", "l2_adversary", "load_clip_from", "load_dvae_from", "load_vqgan_from", "main",
+           "finetune_clip_dvae_adversarial", "finetune_clip_frame", "finetune_clip_prior", "finetune_clip_robust",
+           "finetune_dvae", "finetune_vqgan", "l2_adversary", "load_clip_from", "load_dvae_from", "load_vqgan_from", "main",
            "pixel_robustness", "rejudge_decoders", "run_stage", "train_clip", "train_dvae", "train_shapes",
            "train_vqgan", "vqgan_reconstruct", "write_model_card"]

@@ -202,23 +202,29 @@ def l2_adversary(eps: float, steps: int = 1, step_size: float = 1.25, generator=
     return attack
 
 
+def caption_tokens(scenes, tmpl) -> torch.Tensor:
+    """Tokens of each scene's caption in its template (indices ``tmpl``), then of the neutral captions: the
+    columns of a batch's soft targets."""
+    cap_index, cap_tokens = _caption_tokens()
+    caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)] + list(S.NEUTRAL_CAPTIONS)
+    return cap_tokens[[cap_index[c_] for c_ in caps]]
+
+
 def scene_batch(batch: int, n_neg: int, rng, gen, paired=()):
     """A CLIP training batch: (scenes, template indices, [augmented scenes, augmented distractors], caption tokens
     with the neutral captions' last).  The scenes are ``paired`` ones then fresh ones."""
-    cap_index, cap_tokens = _caption_tokens()
-    neutral_tokens = cap_tokens[[cap_index[c] for c in S.NEUTRAL_CAPTIONS]]
     scenes = list(paired) + S.sample_scenes(batch - len(paired), rng=rng)
     tmpl = rng.integers(len(S.TEMPLATES), size=batch)
-    caps = [S.caption(s_, int(k)) for s_, k in zip(scenes, tmpl)]
     real = _augment(S.to_tensor(S.render(scenes, 128)), gen)
     negs = S.to_tensor(S.render_distractors(n_neg, rng, 128))
-    text = torch.cat([cap_tokens[[cap_index[c_] for c_ in caps]], neutral_tokens])
-    return scenes, tmpl, [real, _augment(negs, gen)], text
+    return scenes, tmpl, [real, _augment(negs, gen)], caption_tokens(scenes, tmpl)
 
 
-def step_with_negatives(model, opt, extra_negatives, batch: int, n_neg: int, rng, gen, paired=(), adversary=None):
+def step_with_negatives(model, opt, extra_negatives, batch: int, n_neg: int, rng, gen, paired=(), adversary=None,
+                        positives=()):
     """One soft-contrastive step on ``batch`` scenes, ``n_neg`` rendered distractors and
-    ``extra_negatives`` (images captioned with the neutral captions).
+    ``extra_negatives`` (images captioned with the neutral captions); ``positives``, (scenes, images in [0, 1]),
+    join the scenes under captions of their attributes (stage clipprior's clean samples of the prior).
 
     The scenes are ``paired`` (those the extra negatives spoil) and fresh ones: a paired scene's
     caption then meets its clean image as the positive and its spoilt one as a negative in the same
@@ -226,9 +232,14 @@ def step_with_negatives(model, opt, extra_negatives, batch: int, n_neg: int, rng
     never shares the attributes of a caption in the batch, and pushes on nothing in particular.
     ``adversary``: see :func:`soft_contrastive_step`."""
     scenes, tmpl, imgs, text = scene_batch(batch, n_neg, rng, gen, paired)
+    if positives and len(positives[0]):
+        scenes = scenes + list(positives[0])
+        tmpl = np.concatenate([tmpl, rng.integers(len(S.TEMPLATES), size=len(positives[0]))])
+        imgs.insert(1, _augment(positives[1], gen, noise=0.02))
+        text = caption_tokens(scenes, tmpl)
     if len(extra_negatives):
         imgs.append(_augment(extra_negatives, gen, noise=0.02))
-    return soft_contrastive_step(model, opt, torch.cat(imgs), text, scenes, tmpl, imgs[0].shape[0], adversary)
+    return soft_contrastive_step(model, opt, torch.cat(imgs), text, scenes, tmpl, len(scenes), adversary)
 
 
 # ---------------------------------------------------------------------------- adversarial pools

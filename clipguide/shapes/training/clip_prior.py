@@ -21,8 +21,8 @@ import torch
 from ...models.priors import load_json_prior
 from .. import judge as J
 from .. import scenes as S
-from .clip import CLIP_IMAGE_SIZE, _augment, _caption_tokens, finish_clip, load_clip_from, scene_batch, soft_contrastive_step
-from .clip_stages import _finetune_optimiser
+from .clip import finish_clip, load_clip_from, step_with_negatives
+from .clip_stages import finetune_optimiser
 from .common import COMMAND, Progress, log, save, seeded, set_lr
 from .dvae import load_dvae_from
 from .prior import decode_samples
@@ -44,34 +44,23 @@ def rated_samples(out_dir: Path, n: int, seed: int, batch: int = 64) -> tuple[to
 
 
 class _RatedBatches:
-    """Training batches of fresh scenes and distractors (as every CLIP stage's) with ``n_pos`` clean samples
-    among the scenes and ``n_spoilt`` others among the negatives, each beside a fresh scene of its colours."""
+    """Per step, ``n_pos`` clean samples (positives under their captions) and ``n_spoilt`` others (neutral-caption
+    negatives, each beside a fresh scene of its judged colours) for :func:`step_with_negatives`."""
 
-    def __init__(self, images, rated, batch: int, n_neg: int, n_pos: int, n_spoilt: int):
-        self.images, self.rated, self.batch, self.n_neg = images, rated, batch, n_neg
+    def __init__(self, images, rated, n_pos: int, n_spoilt: int):
+        self.images, self.rated = images, rated
         self.clean = [i for i, a in enumerate(rated) if None not in a and a[0] != a[2]]
         self.spoilt = [i for i, a in enumerate(rated) if None in a]
         self.n_pos, self.n_spoilt = (n_pos if self.clean else 0), (n_spoilt if self.spoilt else 0)
-        self.cap_index, self.cap_tokens = _caption_tokens()
 
-    def draw(self, rng, gen):
-        """(images, caption tokens, scenes, template indices): the arguments of ``soft_contrastive_step``."""
+    def draw(self, rng) -> dict:
+        """Keyword arguments of ``step_with_negatives``: ``extra_negatives``, ``paired`` and ``positives``."""
         pos = [self.clean[int(i)] for i in rng.integers(len(self.clean), size=self.n_pos)]
         spoilt = [self.spoilt[int(i)] for i in rng.integers(len(self.spoilt), size=self.n_spoilt)]
         paired = [S.sample_scenes(1, rng=rng, colour=c, background=b)[0]
                   for c, _, b in (self.rated[i] for i in spoilt) if None not in (c, b) and c != b]
-        scenes, tmpl, (real, negs), _ = scene_batch(self.batch + len(paired), self.n_neg, rng, gen, paired)
-        scenes = scenes + [S.Scene(*self.rated[i]) for i in pos]
-        tmpl = np.concatenate([tmpl, rng.integers(len(S.TEMPLATES), size=len(pos))])
-        caps = [S.caption(s, int(k)) for s, k in zip(scenes, tmpl)] + list(S.NEUTRAL_CAPTIONS)
-        text = self.cap_tokens[[self.cap_index[c] for c in caps]]
-        x = torch.cat([real, self._pixels(pos, gen), negs, self._pixels(spoilt, gen)])
-        return x, text, scenes, tmpl
-
-    def _pixels(self, idx, gen):
-        if not idx:  # a tiny run may draw no clean (or no spoilt) sample at all
-            return torch.empty(0, 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)
-        return _augment(self.images[idx].float() / 255, gen, noise=0.02)
+        return {"extra_negatives": self.images[spoilt].float() / 255, "paired": paired,
+                "positives": ([S.Scene(*self.rated[i]) for i in pos], self.images[pos].float() / 255)}
 
 
 def finetune_clip_prior(out_dir: Path, seed: int = 0, steps: int = 600, samples: int = 3072, batch: int = 48,
@@ -82,15 +71,17 @@ def finetune_clip_prior(out_dir: Path, seed: int = 0, steps: int = 600, samples:
     gen, rng = seeded(seed, 29)
     log(f"clipprior: drawing, decoding and judging {samples} samples of the prior")
     images, rated = rated_samples(out_dir, samples, seed)
-    batches = _RatedBatches(images, rated, batch, n_neg, n_pos, n_spoilt)
+    batches = _RatedBatches(images, rated, n_pos, n_spoilt)
     model, meta = load_clip_from(out_dir)
-    opt = _finetune_optimiser(model, lr)
+    opt = finetune_optimiser(model, lr)
     progress = Progress("clip-prior", steps, log_every)
     model.train()
     for step in range(steps):
         set_lr(opt, step, steps, lr, warmup=10)
-        x, text, scenes, tmpl = batches.draw(rng, gen)
-        progress.hist.append(soft_contrastive_step(model, opt, x, text, scenes, tmpl, len(scenes)).item())
+        drawn = batches.draw(rng)
+        loss = step_with_negatives(model, opt, batch=batch + len(drawn["paired"]), n_neg=n_neg, rng=rng, gen=gen,
+                                   **drawn)
+        progress.hist.append(loss.item())
         if progress.due(step):
             progress.log(step, f"loss {progress.recent():.4f}")
     train_s = progress.seconds()

@@ -30,7 +30,7 @@ def _pretraining_optimiser(model, lr: float):
                              lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _finetune_optimiser(model, lr: float):
+def finetune_optimiser(model, lr: float):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -178,7 +178,7 @@ def finetune_clip_dvae_adversarial(out_dir: Path, seed: int = 0, steps: int = 30
     _, dec, _ = load_dvae_from(out_dir)
     dec.eval().requires_grad_(False)
     prompts, canon = S.canonical_prompts(), canonical_tokens()
-    opt = _finetune_optimiser(model, lr)
+    opt = finetune_optimiser(model, lr)
     pool = _TokenPool(n_adv, dec.vocab_size, tokens, len(prompts), recycle, gen)
     progress = Progress("clip-ft", steps, log_every)
     for step in range(steps):
@@ -252,7 +252,7 @@ class _NegativesRun:
         stage's purpose) with that many steps at the end (None: not)."""
         gen, rng = seeded(self.seed, offset)
         model, meta = load_clip_from(self.out_dir)
-        opt = _finetune_optimiser(model, self.lr)
+        opt = finetune_optimiser(model, self.lr)
         before = meta.get("metrics", {}).get("zero_shot_300")
         adversary = l2_adversary(**attack, generator=gen) if attack else None
         progress = Progress(f"clip-{name}", steps, self.log_every)
