@@ -13,8 +13,9 @@ CLIP: the same latent and schedule pulled toward one true render per prompt by p
     python benchmarks/shapes_quality.py --prompts 32 --steps 300 --threads 2
 
 ``--prior-stages`` first adds one row per stage of the token prior (``--stages``, ``--candidates`` as a comma
-list, ``--shortlist`` for two-stage scoring) and, with ``--coverage``, how often the prompt's scene is among
-the candidates at all (the judge on every one: a diagnosis, not part of generation):
+list, ``--shortlist`` for two-stage scoring, ``--resample`` for the completions of the best candidates) and,
+with ``--coverage``, how often the prompt's scene is among the candidates at all (the judge on every one: a
+diagnosis, not part of generation):
 
     python benchmarks/shapes_quality.py --prompts 8 --threads 1 --presets '' --prior-stages \
         --stages rerank,refine --candidates 256 --shortlist 32 --prior-scale 8 --coverage
@@ -53,7 +54,7 @@ def print_row(name: str, m: dict) -> None:
           f"{m['match_all']:7.3f} {sim} {first:>8s} {m['seconds_per_prompt']:8.2f}", flush=True)
 
 
-STAGES = ("sample", "rerank", "refine", "refine-term", "term")  # --stages: the rows of --prior-stages
+STAGES = ("sample", "rerank", "resample", "refine", "refine-term", "term")  # --stages: the rows of --prior-stages
 
 
 def prior_stages(args) -> list[tuple[str, dict, bool]]:
@@ -68,6 +69,8 @@ def prior_stages(args) -> list[tuple[str, dict, bool]]:
         rerank = dict(prior_candidates=n, prior_shortlist=min(k, n))
         name = f"rerank {n}" + (f"/{k}" if 0 < k < n else "")
         rows += [(name, rerank, False)] if "rerank" in chosen else []
+        if "resample" in chosen:
+            rows.append((f"{name} + resample {args.resample}", dict(rerank, prior_resample=args.resample), False))
         rows += [(f"{name} + refine", dict(rerank, init_scale=s), True)] if "refine" in chosen else []
         if "refine-term" in chosen:
             rows.append((f"{name} + refine + term {w}", dict(rerank, init_scale=s, prior_weight=w), True))
@@ -133,6 +136,8 @@ def main(argv=None):
     p.add_argument("--stages", default=",".join(STAGES), help=f"the --prior-stages rows to run, of {','.join(STAGES)}")
     p.add_argument("--coverage", action="store_true",
                    help="with --prior-stages: judge every candidate (diagnosis): is the prompt's scene in the pool?")
+    p.add_argument("--resample", type=int, default=8,
+                   help="--prior-resample of the resample stage: completions per kept prefix of the best candidates")
     p.add_argument("--prior-weight", type=float, default=0.1, help="the prior term's weight in its stages")
     p.add_argument("--prior-scale", type=float, default=8.0, help="--init-scale of the rerank stages: the chosen codes' logit")
     args = p.parse_args(argv)

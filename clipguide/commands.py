@@ -22,6 +22,7 @@ from .catalogue import format_models, format_presets
 from .config import GROUPS, RunConfig, field_types, parse_size, short_value
 from .engine.loop import check_fits
 from .engine.prompts import blend_prompt, run_parents
+from .engine.proposals import describe_proposals
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -279,9 +280,8 @@ def run_generation(args, prompts: list[str]) -> int:
     for note in (vocabulary_note(cfg), thread_note(cfg.device)):
         if note:
             print(f"clipguide: warning: {note}", file=sys.stderr)
-    proposals = f"{cfg.prior_candidates} candidates from {cfg.prior} then " if cfg.prior_candidates else ""  # the bar waits
     print(f"clipguide: preset {args.preset}; decoder {decoder.name}, CLIP {clip.name}; {len(cfg.runs())} run(s) x "
-          f"{proposals}{cfg.steps} steps on {cfg.device}, {torch.get_num_threads()} thread(s) -> {out}", file=sys.stderr)
+          f"{describe_proposals(cfg, prior)}{cfg.steps} steps on {cfg.device}, {torch.get_num_threads()} thread(s) -> {out}", file=sys.stderr)
     def loop(callbacks):
         return run_session(cfg, out, models=(decoder, clip), prior=prior, preset=args.preset, callback=callbacks,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, **audit)

@@ -111,6 +111,12 @@ class RunConfig:
                                "best over its views, as --init-scale times its one-hot codes (0: off)")
     prior_shortlist: int = _f("prior", 0, "score the candidates in two stages: all by one plain whole-image view, then only "
                               "this many best of those over the --cutn views (0: all over the --cutn views)")
+    prior_resample: int = _f("prior", 0, "then resample the best candidates' lower rows: each of the --prior-resample-top best "
+                             "is kept down to every row of --prior-keep and completed this many times by the prior, and the "
+                             "run starts from the best of them all over the --cutn views (0: off)")
+    prior_resample_top: int = _f("prior", 4, "how many of the best-rated candidates --prior-resample completes")
+    prior_keep: tuple[float, ...] = _f("prior", (0.25, 0.375, 0.5, 0.625, 0.75),
+                                       "where --prior-resample cuts the candidates, as fractions of the grid's rows kept")
     prior_weight: float = _f("prior", 0.0, "weight of the prior's negative log-likelihood of the relaxed codes, in nats per "
                              "code, added to the loss (0: off)")
     # decoding
@@ -174,6 +180,7 @@ class RunConfig:
         self.init_codes = tuple(int(c) for c in self.init_codes)
         self.pyramid = tuple(int(k) for k in self.pyramid)
         self.cut_range = tuple(float(c) for c in self.cut_range)
+        self.prior_keep = tuple(float(f) for f in self.prior_keep)
         self.augments = (self.augments,) if isinstance(self.augments, str) else tuple(self.augments)
         self.zoom_shift = tuple(int(d) for d in self.zoom_shift)
         self.validate()
@@ -218,9 +225,25 @@ class RunConfig:
             raise ConfigError(f"--prior-shortlist must be 0 (off) or 1..--prior-candidates ({self.prior_candidates}): it "
                               f"keeps that many of the candidates for the full views, got {self.prior_shortlist}"
                               + ("; add --prior-candidates N" if not self.prior_candidates else ""))
+        self.check_resample()
         if self.prior_candidates and (self.init_image or self.init_noise):
             raise ConfigError(f"--prior-candidates and --init-{'image' if self.init_image else 'noise'} both choose "
                               "where a run starts: drop one")
+
+    def check_resample(self) -> None:
+        """--prior-resample completes candidates that the rerank rated: it needs them, and cuts inside the grid."""
+        if self.prior_resample < 0 or self.prior_resample_top < 1:
+            raise ConfigError(f"--prior-resample must be 0 (off) or more and --prior-resample-top 1 or more, got "
+                              f"{self.prior_resample} and {self.prior_resample_top}")
+        if not self.prior_resample:
+            return
+        rated = self.prior_shortlist or self.prior_candidates  # the candidates that the full views scored
+        if self.prior_resample_top > rated:
+            raise ConfigError(f"--prior-resample-top {self.prior_resample_top} is more than the {rated} candidates rated over "
+                              "the views: raise --prior-candidates (or --prior-shortlist), or lower --prior-resample-top")
+        if not self.prior_keep or not all(0 < f < 1 for f in self.prior_keep):
+            raise ConfigError(f"--prior-keep takes fractions of the grid's rows between 0 and 1 (e.g. 0.25,0.5,0.75), "
+                              f"got {list(self.prior_keep)}")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field and what would be valid."""

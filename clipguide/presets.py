@@ -119,10 +119,12 @@ _add(
     "clipguide's default, developed on the offline shapes world: the token prior shapes-prior proposes 512 code "
     "grids, CLIP rates them (all through one whole-image view, then the best 32 over the run's 16 views) and the "
     "run starts from the best, as DALL-E reranked its transformer's samples (Ramesh et al. 2021) and FuseDream "
-    "starts from the best of a generator's (Liu et al. 2021); then 100 steps of refinement at AdamW 0.02 without "
-    "the pyramid, with the prior's term (0.1 per code) keeping the codes likely. Otherwise as 'shapes'; 128 px only.",
+    "starts from the best of a generator's (Liu et al. 2021); the 4 best are kept down to 4, 6, 8, 10 and 12 of "
+    "their 16 rows and each completed 4 times by the prior, and the run starts from the best of them all; then 100 "
+    "steps of refinement at AdamW 0.02 without the pyramid, with the prior's term (0.1 per code) keeping the codes "
+    "likely. Otherwise as 'shapes'; 128 px only.",
     **{**SHAPES, "steps": 100, "lr": 0.02, "pyramid": (), "pyramid_every": 0}, prior="shapes-prior",
-    prior_candidates=512, prior_shortlist=32, init_scale=8.0, prior_weight=0.1,
+    prior_candidates=512, prior_shortlist=32, prior_resample=4, prior_resample_top=4, init_scale=8.0, prior_weight=0.1,
 )
 
 
@@ -192,7 +194,8 @@ def fit_to_preset(base: RunConfig, changes: dict) -> dict:
     """``changes`` to a preset's config, with the preset's prior fields adjusted to them (every caller that
     overrides a preset uses this: generate, the CLI, sweeps).  A start given (``init_image``, ``init_noise``)
     replaces the preset's proposals unless ``prior_candidates`` is given too; fewer ``prior_candidates`` given
-    without a ``prior_shortlist`` shrink the preset's shortlist to them."""
+    without a ``prior_shortlist`` shrink the preset's shortlist to them, and fewer rated candidates than the
+    preset's ``prior_resample_top`` shrink that."""
     changes = dict(changes)
     if (changes.get("init_image") or changes.get("init_noise")) and "prior_candidates" not in changes:
         changes.update(prior_candidates=0, prior_shortlist=0)  # e.g. --from RUN_DIR on the default, shapes-rerank
@@ -200,6 +203,11 @@ def fit_to_preset(base: RunConfig, changes: dict) -> dict:
             changes.setdefault("prior", "")  # the prior had nothing else to do
     elif "prior_candidates" in changes and "prior_shortlist" not in changes:
         changes["prior_shortlist"] = min(base.prior_shortlist, changes["prior_candidates"])
+    if base.prior_resample and not changes.get("prior_candidates", base.prior_candidates):
+        changes.setdefault("prior_resample", 0)  # no candidates left to complete
+    if "prior_resample_top" not in changes and changes.get("prior_resample", base.prior_resample):
+        rated = changes.get("prior_shortlist", base.prior_shortlist) or changes.get("prior_candidates", base.prior_candidates)
+        changes["prior_resample_top"] = max(1, min(base.prior_resample_top, rated))
     return changes
 
 

@@ -159,6 +159,9 @@ def test_sample_is_mingpt_sampling_from_the_generator(tmp_path, first_stage):
     assert not torch.equal(a, prior.sample(2, torch.Generator().manual_seed(8)))
     with torch.no_grad():  # the key/value cache draws what full recomputation draws, from the same stream
         assert torch.equal(a, reference_sample(state, 5, 2, torch.Generator().manual_seed(7), GPT["n_head"]))
+    kept = SIDE * SIDE // 2  # completions (--prior-resample): the first half given, the rest drawn
+    c = prior.sample(2, torch.Generator().manual_seed(9), prefix=a.flatten(1)[:, :kept])
+    assert torch.equal(c.flatten(1)[:, :kept], a.flatten(1)[:, :kept]) and not torch.equal(c, a)
 
 
 def test_soft_weights_one_hot_equals_tokens_and_is_differentiable(tmp_path, first_stage):

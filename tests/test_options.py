@@ -114,7 +114,7 @@ RISE_LR = {"aleph2image": 0.2, "shapes": 1.0}
 # one step's similarity over 4 cutouts too noisy to compare (seed 0 rose 0.027); with its own 32 cutouts it rises by
 # 0.03 or more from step 0 over seeds 0-5 (0.076 at seed 0), and by 0.01 or more from the first five.
 RISE_CUTN = {"vqgan-nerdyrodent": 32}
-NO_PRIOR = dict(prior="", prior_candidates=0, prior_shortlist=0, prior_weight=0.0)  # shapes-rerank's refinement alone
+NO_PRIOR = dict(prior="", prior_candidates=0, prior_shortlist=0, prior_resample=0, prior_weight=0.0)  # shapes-rerank's refinement alone
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -725,6 +725,9 @@ CHECKED_ELSEWHERE = {
     "prior_candidates": "test_prior.py::test_the_run_starts_from_the_candidate_clip_rates_best",
     "prior_weight": "test_prior.py::test_the_prior_term_adds_its_nll_to_the_loss",
     "prior_shortlist": "test_prior.py::test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best",
+    "prior_resample": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
+    "prior_resample_top": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
+    "prior_keep": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
     "height": "test_sizes.py::test_a_non_square_run_writes_its_size_everywhere_and_resumes_bit_for_bit",
 }
 

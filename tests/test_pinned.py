@@ -42,8 +42,9 @@ PINNED = {
     'init-image': {'images': 'c0e473616794d5c9', 'losses': '3dd5dd892c1cda6f', 'checkpoint': 'b750c132f9390f62', 'pngs': '64f680cd0bc9ab0f'},
     'noise-story': {'images': '56f310052cf9a800', 'losses': '4b1eba8f20846a03', 'checkpoint': '4dcf43a532fc8f5f', 'pngs': 'f782178753deab85'},
     'shapes': {'images': '725ad712442b23a9', 'losses': 'ef777865cae79487', 'checkpoint': '09cbbfc23e22720b', 'pngs': '3e6414e4b37f4a04'},
-    # the default since the eighteenth round (with 16 candidates, shortlist 4): recorded when it was added
-    'shapes-rerank': {'images': 'd0ff8f69f15d1120', 'losses': 'f0f70cd6021e95c7', 'checkpoint': 'ab368f22e4ed880e', 'pngs': '61f47b012ec8f69c'},
+    # the default since the eighteenth round (16 candidates, shortlist 4, the 4 best completed once per cut): re-recorded
+    # in the twentieth, when it gained the completions (with prior_resample=0 it kept the nineteenth round's bytes)
+    'shapes-rerank': {'images': '0cf6b57ce5049908', 'losses': 'b19829a338e56a13', 'checkpoint': 'a6ad0f38df91a79f', 'pngs': '35bf1b0bbd0b42ef'},
     'terms': {'images': 'e75bbdc5c149aa92', 'losses': '36befa8190303db5', 'checkpoint': '41a30b7ef4b9bf8b', 'pngs': 'df7b9cd4b9269b9f'},
     'vqgan-codebook': {'images': '23de0af7522d6ce0', 'losses': '0c4c77156f8cfd68', 'checkpoint': 'ca7ced8d17885c16', 'pngs': '92a369a8e9ffe820'},
     'vqgan-gumbel': {'images': '9bd33d2fa73b58a0', 'losses': '1eb07abdeabaf114', 'checkpoint': '77457a0c884ef953', 'pngs': 'e89a4a08eb82e77b'},
@@ -92,8 +93,8 @@ def model_files(tmp_path_factory, tiny_model_files):
 def overrides(preset: str, files: dict) -> dict:
     cfg = PRESETS[preset].config
     small = dict(steps=STEPS, snapshots=SNAPSHOTS, cutn=4, seed=7)
-    if cfg.prior:  # its prior models 16 x 16 grids (128 px); fewer candidates, the same two-stage scoring
-        return dict(small, prior_candidates=16, prior_shortlist=4)
+    if cfg.prior:  # its prior models 16 x 16 grids (128 px); fewer candidates and completions, the same stages
+        return dict(small, prior_candidates=16, prior_shortlist=4, prior_resample=1)
     if cfg.decoder == "shapes-dvae":
         return dict(small, size=64)
     return dict(small, size=32, decoder=files[cfg.decoder], clip=files["clip"])

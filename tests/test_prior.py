@@ -112,31 +112,83 @@ def test_the_run_starts_from_the_candidate_clip_rates_best(prior_file):
     assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))  # step 0 shows it (and its average)
 
 
-def test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best(prior_file):
-    """Two-stage scoring: all candidates seen once, whole; the --prior-shortlist best of those over the full views."""
+def proposals_of(prior_file, **fields):
+    """The shapes recipe with the tiny prior and ``fields``, its models, the quick start's targets, the run's
+    target and view seed, and the candidates it draws: what a test of ``propose`` writes out."""
     from clipguide.engine.prompts import encode_targets
-    from clipguide.engine.proposals import candidate_losses, choose, glance, proposal_seed, propose
+    from clipguide.engine.proposals import proposal_seed
 
-    cfg = clipguide.get_preset("shapes").replace(prompts=(PROMPT,), prior=str(prior_file), prior_candidates=8,
-                                                  prior_shortlist=3, init_scale=5.0, **SMALL).resolved()
+    cfg = clipguide.get_preset("shapes").replace(prompts=(PROMPT,), prior=str(prior_file), init_scale=5.0,
+                                                  **SMALL, **fields).resolved()
     decoder, clip = clipguide.load_models(cfg)
     prior = load_prior(str(prior_file))
     targets = encode_targets(clip, [PROMPT], cfg, [cfg.seed])
     embeds, weights, stops = targets.at(0)
     target, views = (embeds[0], weights[0], stops[0]), proposal_seed(cfg.seed, 1)
-    codes = prior.sample(8, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
+    codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
+    return cfg, decoder, clip, prior, targets, target, views, codes
+
+
+def test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best(prior_file):
+    """Two-stage scoring: all candidates seen once, whole; the --prior-shortlist best of those over the full views."""
+    from clipguide.engine.proposals import candidate_losses, glance, propose, rank
+
+    cfg, decoder, clip, prior, targets, target, views, codes = proposals_of(prior_file, prior_candidates=8,
+                                                                            prior_shortlist=3)
     cheap = candidate_losses(glance(cfg), decoder, clip, codes, target, views)
     full = candidate_losses(cfg, decoder, clip, codes, target, views)
     short = cheap.argsort()[:3].tolist()
     want = min(short, key=lambda i: float(full[i]))
     assert want != int(full.argmin())  # these candidates tell a shortlist from a plain rerank
-    assert choose(cfg, decoder, clip, codes, target, views) == want
+    order, losses = rank(cfg, decoder, clip, codes, target, views)
+    assert sorted(order.tolist()) == sorted(short) and int(order[0]) == want  # the shortlist, best first
+    assert torch.equal(losses, full[order]) and bool((losses[1:] >= losses[:-1]).all())
     start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
     assert torch.equal(start[0].argmax(0), codes[want])
     # A shortlist of every candidate is the plain rerank, bit for bit.
     plain = propose(cfg.replace(prior_shortlist=0), prior, decoder, clip, targets, [cfg.seed])
     assert torch.equal(propose(cfg.replace(prior_shortlist=8), prior, decoder, clip, targets, [cfg.seed]), plain)
     assert torch.equal(plain[0].argmax(0), codes[int(full.argmin())])
+
+
+def test_a_prefix_is_kept_and_only_the_rest_is_drawn(prior_file):
+    """Completions: the given codes stay, the rest is drawn from the generator alone, and a prefix of
+    nothing is plain sampling (so the default's candidates keep their bytes)."""
+    prior = load_prior(str(prior_file))
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    grids = prior.sample(3, g(4))
+    assert torch.equal(prior.sample(3, g(4), prefix=grids.flatten(1)[:, :0]), grids)
+    done = prior.sample(3, g(5), prefix=grids.flatten(1)[:, :40])
+    assert torch.equal(done.flatten(1)[:, :40], grids.flatten(1)[:, :40])
+    assert not torch.equal(done.flatten(1)[:, 40:], grids.flatten(1)[:, 40:])
+    assert torch.equal(done, prior.sample(3, g(5), prefix=grids.flatten(1)[:, :40]))  # deterministic in the seed
+    whole = prior.sample(3, g(5), prefix=grids.flatten(1))
+    assert torch.equal(whole, grids)  # a whole grid given draws nothing
+
+
+def test_resampling_starts_from_the_best_of_the_candidates_and_their_completions(prior_file):
+    """--prior-resample, written out: the best candidates kept down to each cut row, completed by the prior
+    from the run's third proposal generator, all scored over the same views; the lowest loss wins."""
+    from clipguide.engine.proposals import candidate_losses, kept_rows, proposal_seed, propose, rank
+
+    cfg, decoder, clip, prior, targets, target, views, codes = proposals_of(
+        prior_file, prior_candidates=6, prior_resample=3, prior_resample_top=2, prior_keep=(0.25, 0.5), seed=1)
+    order, losses = rank(cfg, decoder, clip, codes, target, views)
+    assert kept_rows(cfg, 16) == [4, 8]
+    pool, scores = [codes[order[0]][None]], [losses[:1]]
+    generator = torch.Generator().manual_seed(proposal_seed(cfg.seed, 2))
+    for rows in (4, 8):
+        prefix = codes[order[:2]].flatten(1)[:, :rows * 16].repeat_interleave(3, 0)  # each top 3 times
+        drawn = prior.sample(6, generator, prefix=prefix)
+        pool.append(drawn)
+        scores.append(candidate_losses(cfg, decoder, clip, drawn, target, views))
+    pool, scores = torch.cat(pool), torch.cat(scores)
+    want = pool[int(scores.argmin())]
+    assert int(scores.argmin()) > 0  # a completion beat the rerank's choice: the test tells them apart
+    start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
+    assert torch.equal(start[0].argmax(0), want)
+    plain = propose(cfg.replace(prior_resample=0), prior, decoder, clip, targets, [cfg.seed])
+    assert torch.equal(plain[0].argmax(0), codes[order[0]])
 
 
 def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
@@ -156,6 +208,11 @@ def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
     (dict(prior="x.json", prior_candidates=4, prior_shortlist=5), r"1\.\.--prior-candidates \(4\)"),
     (dict(prior="x.json", prior_candidates=4, prior_shortlist=-1), "0 \\(off\\)"),
     (dict(prior="x.json", prior_weight=1.0, prior_shortlist=2), "add --prior-candidates N"),
+    (dict(prior="x.json", prior_weight=1.0, prior_resample=2), "raise --prior-candidates"),
+    (dict(prior="x.json", prior_candidates=8, prior_shortlist=2, prior_resample=2), "more than the 2 candidates rated"),
+    (dict(prior="x.json", prior_candidates=8, prior_resample=-1), r"--prior-resample must be 0 \(off\)"),
+    (dict(prior="x.json", prior_candidates=8, prior_resample=2, prior_keep=(0.5, 1.0)), "between 0 and 1"),
+    (dict(prior="x.json", prior_candidates=8, prior_resample=2, prior_keep=()), "between 0 and 1"),
 ])
 def test_prior_fields_that_do_not_go_together_are_refused(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -188,6 +245,9 @@ def test_an_explicit_start_replaces_the_presets_proposals_but_not_an_explicit_re
         make_config("a red circle", init_image="x.png", prior_candidates=32)
     assert make_config("a red circle", prior_candidates=8).prior_shortlist == 8  # the default's 32 would not fit
     assert make_config("a red circle", prior_candidates=64).prior_shortlist == 32
+    assert make_config("a red circle", prior_candidates=2).prior_resample_top == 2  # nor would its 4 completed
+    assert make_config("a red circle", prior_candidates=0, prior_weight=0.1).prior_resample == 0  # nothing to complete
+    assert make_config("a red circle", init_image="x.png").prior_resample == 0
     with pytest.raises(clipguide.ConfigError, match="--prior-shortlist"):
         make_config("a red circle", prior_candidates=8, prior_shortlist=9)  # asked for: still refused
     from clipguide.sweeps.spec import SweepSpec  # a sweep overrides the preset by the same rule

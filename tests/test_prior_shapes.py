@@ -70,10 +70,11 @@ def test_the_prior_term_keeps_the_codes_likelier_under_the_prior(prior):
 
 
 def test_the_default_draws_the_quick_start_prompt():
-    """The default recipe (shapes-rerank) on the README's quick start: the candidate CLIP picks from the prior's
-    512 is judged the prompted scene, and refinement steps keep it (measured at 2 threads: right at step 0
-    and at its 100th step; held-out prompts: 16 of 24)."""
-    assert clipguide.get_preset(clipguide.presets.DEFAULT_PRESET).prior_candidates == 512
+    """The default recipe (shapes-rerank) on the README's quick start: the grid CLIP picks from the prior's 512
+    candidates and the 80 completions of its 4 best is judged the prompted scene, and refinement steps keep it
+    (measured at 2 threads: right at step 0 and at its 100th step; held-out prompts: 21 of 24, 67 of 84)."""
+    default = clipguide.get_preset(clipguide.presets.DEFAULT_PRESET)
+    assert (default.prior_candidates, default.prior_resample, default.prior_resample_top) == (512, 4, 4)
     result = clipguide.generate("a red circle on a blue background", steps=10, snapshots=(0,), seed=0)
     assert J.judge_batch(result.snapshots[0])[0].attributes == ("red", "circle", "blue")
     assert J.judge_batch(result.images)[0].attributes == ("red", "circle", "blue")
@@ -103,3 +104,4 @@ def test_the_shipped_clip_ranks_a_clean_sample_of_the_prior_above_its_near_misse
     images = decoder.decode(torch.nn.functional.one_hot(codes, 512).permute(0, 3, 1, 2).float()).clamp(0, 1)
     wins, pairs = clean_over_near_misses(clipguide.load_clip("shapes"), images, J.judge_batch(images))
     assert pairs >= 200 and wins / pairs >= 0.87, (wins, pairs)
+

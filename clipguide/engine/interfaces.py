@@ -85,7 +85,8 @@ class TokenPrior(Protocol):
     @property
     def grid(self) -> tuple[int, int]: ...  # (h, w) of the grids it models
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor: ...  # -> codes [n, h, w] (int64)
+    # -> codes [n, h, w] (int64); prefix [n, k]: the first k codes in raster order are given, the rest drawn
+    def sample(self, n: int, generator: torch.Generator, prefix: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor: ...  # codes [n, h, w] or code weights [n, V, h, w] -> [n]
 

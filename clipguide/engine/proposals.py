@@ -8,6 +8,15 @@ views (the same views for every candidate, so the scores compare), and starts fr
 With ``prior_shortlist`` K the scoring has two stages: every candidate is first seen once, whole,
 without augmentation (one CLIP pass instead of ``cutn``), and only the K best of that glance are
 scored over the ``cutn`` views.
+
+With ``prior_resample`` the best candidates are then improved inside the prior: each of the
+``prior_resample_top`` best is kept down to some rows (``prior_keep``) and its lower rows drawn
+again from the prior, ``prior_resample`` times per cut, and the run starts from the best of the
+candidates and their completions.  A candidate that CLIP rates high usually has the prompt's
+background and colours in its upper rows and a near miss of the shape below; completing it draws
+that shape again where the rest is already right, which a fresh sample matches only by chance.  It
+is the resampling step of sequential Monte Carlo with CLIP as the weight (cf. Lew et al. 2023,
+"Sequential Monte Carlo steering of large language models"), applied to the finished candidates.
 """
 
 from __future__ import annotations
@@ -47,10 +56,44 @@ def propose(cfg, prior, decoder, clip, targets, seeds) -> torch.Tensor:
     embeds, weights, stops = targets.at(0)
     starts = []
     for r, seed in enumerate(seeds):
+        target, view_seed = (embeds[r], weights[r], stops[r]), proposal_seed(seed, 1)
         codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(seed, 0)))
-        best = codes[choose(cfg, decoder, clip, codes, (embeds[r], weights[r], stops[r]), proposal_seed(seed, 1))]
+        order, losses = rank(cfg, decoder, clip, codes, target, view_seed)
+        best = codes[order[0]]
+        if cfg.prior_resample:
+            best = resample(cfg, prior, decoder, clip, codes[order[:cfg.prior_resample_top]], losses[0], target, seed)
         starts.append(cfg.init_scale * F.one_hot(best, prior.vocab_size).permute(2, 0, 1).float())
     return torch.stack(starts)
+
+
+def describe_proposals(cfg, prior) -> str:
+    """What a run draws before its steps, for the CLI's banner (the progress bar waits meanwhile)."""
+    if not cfg.prior_candidates:
+        return ""
+    said = f"{cfg.prior_candidates} candidates from {cfg.prior}"
+    if cfg.prior_resample:
+        said += f" and {cfg.prior_resample_top * cfg.prior_resample * len(kept_rows(cfg, prior.grid[0]))} completions"
+    return said + " then "
+
+
+def kept_rows(cfg, height: int) -> list[int]:
+    """The rows that ``prior_keep``'s fractions keep of a grid ``height`` rows high (at least 1, fewer than all)."""
+    return sorted({min(height - 1, max(1, round(f * height))) for f in cfg.prior_keep})
+
+
+def resample(cfg, prior, decoder, clip, tops: torch.Tensor, top_loss, target, seed: int) -> torch.Tensor:
+    """The best of ``tops`` [M, h, w] (best first, its loss ``top_loss``) and their completions (see the module
+    docstring): every candidate kept down to each of :func:`kept_rows` and completed ``prior_resample`` times,
+    all draws from one generator of the run's seed, all scored over the views that rated ``tops``."""
+    generator = torch.Generator().manual_seed(proposal_seed(seed, 2))
+    best, best_loss, width = tops[0], float(top_loss), prior.grid[1]
+    for rows in kept_rows(cfg, prior.grid[0]):
+        prefix = tops.flatten(1)[:, :rows * width].repeat_interleave(cfg.prior_resample, 0)
+        drawn = prior.sample(len(prefix), generator, prefix=prefix)
+        losses = candidate_losses(cfg, decoder, clip, drawn, target, proposal_seed(seed, 1))
+        if float(losses.min()) < best_loss:  # ties keep the earlier grid, as argmin does
+            best, best_loss = drawn[int(losses.argmin())], float(losses.min())
+    return best
 
 
 def glance(cfg):
@@ -60,17 +103,18 @@ def glance(cfg):
                        cut_noise_each=False, cut_roll=0, cut_mirror=0.0, augments=())
 
 
-def choose(cfg, decoder, clip, codes: torch.Tensor, target, view_seed: int) -> int:
-    """The index of the candidate (of code grids [N, h, w]) with the lowest prompt loss over ``cfg.cutn``
-    views; with ``cfg.prior_shortlist`` K < N, the lowest among the K that :func:`glance` rates best."""
+def rank(cfg, decoder, clip, codes: torch.Tensor, target, view_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates (of code grids [N, h, w]) that the ``cfg.cutn`` views scored, best first, and their
+    prompt losses: all N, or with ``cfg.prior_shortlist`` K < N the K that :func:`glance` rates best."""
     k = cfg.prior_shortlist
-    if not k or k >= len(codes):  # one stage: every candidate over the full views
-        return int(candidate_losses(cfg, decoder, clip, codes, target, view_seed).argmin())
-    cheap = candidate_losses(glance(cfg), decoder, clip, codes, target, view_seed)
-    short = cheap.argsort(stable=True)[:k]  # stable: ties keep the sampling order, as argmin does
+    short = torch.arange(len(codes))
+    if k and k < len(codes):
+        cheap = candidate_losses(glance(cfg), decoder, clip, codes, target, view_seed)
+        short = cheap.argsort(stable=True)[:k]  # stable: ties keep the sampling order, as argmin does
     # The shortlisted grids are decoded again rather than kept: N images would hold N x 200 kB.
     full = candidate_losses(cfg, decoder, clip, codes[short], target, view_seed)
-    return int(short[int(full.argmin())])
+    order = full.argsort(stable=True)
+    return short[order], full[order]
 
 
 @torch.no_grad()

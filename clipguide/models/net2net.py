@@ -133,6 +133,13 @@ class CodeGPT(nn.Module):
         """The condition's input [n, 1, d]: its token at position 0."""
         return (self.gpt.tok_emb.weight[self.condition] + self.pos[0]).expand(n, 1, -1)
 
+    def empty_caches(self) -> list[list]:
+        return [[] for _ in self.gpt.blocks]
+
+    def code_input(self, codes: torch.Tensor, t: int) -> torch.Tensor:
+        """The input [n, 1, d] predicting code t + 1 from code t, ``codes`` [n]."""
+        return self.gpt.tok_emb.weight[codes][:, None] + self.pos[t + 1]
+
     def embed(self, weights: torch.Tensor) -> torch.Tensor:
         """Inputs predicting codes 0..L-1 from code weights [n, L, V]: the condition, then the weighted
         code embeddings of codes 0..L-2 -> [n, L, d]."""
@@ -146,7 +153,8 @@ class CodeGPT(nn.Module):
 
 class Net2NetPrior(GridPrior):
     """A taming Net2Net transformer as a :class:`~clipguide.engine.interfaces.TokenPrior`: ``log_prob``
-    is :class:`GridPrior`'s; ``sample`` uses a key/value cache, every draw from the given generator."""
+    and ``sample`` are :class:`GridPrior`'s (its sampling is taming's ``sample_with_past`` without top-k or
+    top-p), driving :class:`CodeGPT`."""
 
     model: CodeGPT  # type: ignore[assignment]  # GridPrior annotates its TokenGPT
 
@@ -159,19 +167,6 @@ class Net2NetPrior(GridPrior):
         return {**super().describe(), "conditioning": dict(self.conditioning),
                 "architecture": f"taming Net2Net minGPT ({c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, "
                                 f"vocab {c.vocab_size}, block {c.block_size})"}
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-        """``n`` code grids [n, h, w]: taming's ``sample_with_past`` without top-k/top-p, every draw from
-        ``generator`` (a CPU one: seeds portable across devices)."""
-        caches: list[list] = [[] for _ in self.model.gpt.blocks]
-        x, out = self.model.start(n), []
-        for t in range(self.model.cfg.length):
-            logits = self.model(x, caches)[:, -1].float() / temperature
-            out.append(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0])
-            if t + 1 < self.model.cfg.length:
-                x = self.model.gpt.tok_emb.weight[out[-1].to(self.device)][:, None] + self.model.pos[t + 1]
-        return torch.stack(out, 1).view(n, *self.grid)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,18 @@ class TokenGPT(nn.Module):
         codes = weights[:, :-1] @ self.tok.weight[:-1].to(weights.dtype)
         return torch.cat([start, codes.to(start.dtype)], 1) + self.pos
 
+    def empty_caches(self) -> list[list]:
+        """One empty key/value cache per block, for :meth:`forward` to fill."""
+        return [[] for _ in self.blocks]
+
+    def start(self, n: int) -> torch.Tensor:
+        """The input [n, 1, d] predicting code 0: the start token at position 0."""
+        return self.tok.weight[-1].expand(n, 1, -1) + self.pos[:1]
+
+    def code_input(self, codes: torch.Tensor, t: int) -> torch.Tensor:
+        """The input [n, 1, d] predicting code t + 1 from code t, ``codes`` [n]."""
+        return self.tok.weight[codes][:, None] + self.pos[t + 1]
+
     def forward(self, x: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         """Embedded inputs [n, T, d] -> next-code logits [n, T, V]."""
         for i, block in enumerate(self.blocks):
@@ -127,17 +139,21 @@ class GridPrior:
         return (weights * logits.float().log_softmax(-1)).sum((1, 2))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-        """``n`` code grids [n, h, w], every draw from ``generator`` (a CPU one: seeds portable across devices)."""
-        caches = [[] for _ in self.model.blocks]
-        x = self.model.tok.weight[-1].expand(n, 1, -1) + self.model.pos[:1]
-        out = []
+    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0,
+               prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` code grids [n, h, w] in raster order with a key/value cache, every draw from ``generator``
+        (a CPU one: seeds portable across devices).  With ``prefix`` [n, k] the first k codes are given and
+        only the rest are drawn: completions of a grid kept down to some row (a resample of its suffix)."""
+        caches = self.model.empty_caches()
+        x, out, k = self.model.start(n), [], 0 if prefix is None else prefix.shape[1]
         for t in range(self.model.cfg.length):
             logits = self.model(x, caches)[:, -1].float() / temperature
-            code = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0]
-            out.append(code)
+            if t < k:  # given: its logits only fill the cache, and nothing is drawn
+                out.append(prefix[:, t].cpu())
+            else:
+                out.append(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0])
             if t + 1 < self.model.cfg.length:
-                x = self.model.tok.weight[code.to(self.device)][:, None] + self.model.pos[t + 1]
+                x = self.model.code_input(out[-1].to(self.device), t)
         return torch.stack(out, 1).view(n, *self.grid)
 
 

@@ -128,7 +128,8 @@ def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
 
 def judge_proposals(cfg, decoder, clip, prior, pairs) -> dict:
     """The prior's part alone, judged against each prompt: with ``cfg.prior_candidates`` 1, a plain sample
-    of the prior; with more, the one CLIP rates best (rerank only, no optimisation)."""
+    of the prior; with more, the one CLIP rates best (the rerank, and with ``cfg.prior_resample`` the best of the
+    candidates and their completions; no optimisation)."""
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs)).resolved()
     runs = cfg.runs()
     t0 = time.perf_counter()
