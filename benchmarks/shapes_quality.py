@@ -111,7 +111,7 @@ def prior_rows(args, pairs, overrides) -> list[dict]:
         cfg = base.replace(prior=args.prior, **fields)
         m = evaluate(cfg, decoder, clip, pairs, prior=prior) if refine else judge_proposals(cfg, decoder, clip, prior, pairs)
         print_row(name, m)
-        rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts", "images")}})
+        rows.append({"preset": name, **{k: v for k, v in m.items() if k not in ("result", "images")}})
     return rows
 
 
@@ -163,7 +163,7 @@ def main(argv=None):
             print(f"{'':20s} shape missed, by the judge's reason: {m['shape_failures']}", flush=True)
         print(f"{'':20s} CLIP score of the image minus true renders under the loop's views: {m['search_gap']:+.3f}; "
               f"misses by cause (search: renders beat it by > {SEARCH_MARGIN}; clip: they do not): {m['miss_causes']}", flush=True)
-        row = {"preset": name, **{k: v for k, v in m.items() if k not in ("result", "verdicts")}}
+        row = {"preset": name, **{k: v for k, v in m.items() if k != "result"}}  # verdicts kept: misses by shape later
         if args.fit:
             fit = fit_renders(cfg, decoder, pairs)
             gaps = fit_gaps(cfg, clip, m["result"].images, fit["images"], pairs)

@@ -48,6 +48,7 @@ def test_quality_benchmark_reports_the_judge_and_the_cause_of_each_miss(tmp_path
     assert sum(row["miss_causes"].values()) == misses and len(row["gaps"]) == 2, row
     assert 0.0 <= row["fit_match_all"] <= 1.0 and len(row["fit_gaps"]) == 2, row
     assert 0 <= row["misses_at_or_above_fit"] <= misses, row
+    assert len(row["verdicts"]) == 2 and all(len(v) == 3 for v in row["verdicts"]), row  # per run: misses by shape
     printed = capsys.readouterr().out
     assert "misses by cause" in printed and "without CLIP" in printed
 
