@@ -25,6 +25,11 @@ from .engine.state import DTYPES
 from .errors import ConfigError
 
 
+def rated_candidates(candidates: int, shortlist: int) -> int:
+    """How many of a run's prior candidates the full views score (and --prior-resample can complete)."""
+    return min(shortlist, candidates) if shortlist else candidates
+
+
 def _f(group: str, default, help: str, choices: tuple | None = None, casefold: bool = False):
     """A dataclass field whose help text, choices and ``--help`` section (a key of GROUPS) the CLI reads;
     ``casefold``: the CLI takes its value in any case (names that come from elsewhere, e.g. torch's Adam)."""
@@ -237,7 +242,7 @@ class RunConfig:
                               f"{self.prior_resample} and {self.prior_resample_top}")
         if not self.prior_resample:
             return
-        rated = self.prior_shortlist or self.prior_candidates  # the candidates that the full views scored
+        rated = rated_candidates(self.prior_candidates, self.prior_shortlist)
         if self.prior_resample_top > rated:
             raise ConfigError(f"--prior-resample-top {self.prior_resample_top} is more than the {rated} candidates rated over "
                               "the views: raise --prior-candidates (or --prior-shortlist), or lower --prior-resample-top")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .config import RunConfig
+from .config import RunConfig, rated_candidates
 from .errors import ConfigError
 
 REAL = dict(decoder="dalle", clip="ViT-B-32/openai")
@@ -206,7 +206,8 @@ def fit_to_preset(base: RunConfig, changes: dict) -> dict:
     if base.prior_resample and not changes.get("prior_candidates", base.prior_candidates):
         changes.setdefault("prior_resample", 0)  # no candidates left to complete
     if "prior_resample_top" not in changes and changes.get("prior_resample", base.prior_resample):
-        rated = changes.get("prior_shortlist", base.prior_shortlist) or changes.get("prior_candidates", base.prior_candidates)
+        rated = rated_candidates(changes.get("prior_candidates", base.prior_candidates),
+                                 changes.get("prior_shortlist", base.prior_shortlist))
         changes["prior_resample_top"] = max(1, min(base.prior_resample_top, rated))
     return changes
 

@@ -92,26 +92,6 @@ def test_a_run_with_a_prior_is_reproducible_records_it_and_resumes_bit_for_bit(p
     assert torch.equal(resumed.images, a.images) and torch.equal(resumed.losses, a.losses)
 
 
-def test_the_run_starts_from_the_candidate_clip_rates_best(prior_file):
-    from clipguide.engine.prompts import encode_targets
-    from clipguide.engine.proposals import candidate_losses, proposal_seed, propose
-
-    cfg = clipguide.get_preset("shapes").replace(prompts=(PROMPT,), prior=str(prior_file), prior_candidates=6,
-                                                  init_scale=5.0, **SMALL).resolved()
-    decoder, clip = clipguide.load_models(cfg)
-    prior = load_prior(str(prior_file))
-    targets = encode_targets(clip, [PROMPT], cfg, [cfg.seed])
-    start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
-    codes = prior.sample(6, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
-    embeds, weights, stops = targets.at(0)
-    losses = candidate_losses(cfg, decoder, clip, codes, (embeds[0], weights[0], stops[0]), proposal_seed(cfg.seed, 1))
-    assert len(set(losses.tolist())) == 6  # the candidates differ, and so do their scores
-    assert torch.equal(start[0].argmax(0), codes[int(losses.argmin())]) and float(start.max()) == 5.0
-    result = clipguide.optimise(cfg.replace(snapshots=(0,)), decoder, clip, prior=prior)
-    chosen = F.one_hot(codes[int(losses.argmin())], 512).permute(2, 0, 1)[None].float()
-    assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))  # step 0 shows it (and its average)
-
-
 def proposals_of(prior_file, **fields):
     """The shapes recipe with the tiny prior and ``fields``, its models, the quick start's targets, the run's
     target and view seed, and the candidates it draws: what a test of ``propose`` writes out."""
@@ -127,6 +107,19 @@ def proposals_of(prior_file, **fields):
     target, views = (embeds[0], weights[0], stops[0]), proposal_seed(cfg.seed, 1)
     codes = prior.sample(cfg.prior_candidates, torch.Generator().manual_seed(proposal_seed(cfg.seed, 0)))
     return cfg, decoder, clip, prior, targets, target, views, codes
+
+
+def test_the_run_starts_from_the_candidate_clip_rates_best(prior_file):
+    from clipguide.engine.proposals import candidate_losses, propose
+
+    cfg, decoder, clip, prior, targets, target, views, codes = proposals_of(prior_file, prior_candidates=6)
+    start = propose(cfg, prior, decoder, clip, targets, [cfg.seed])
+    losses = candidate_losses(cfg, decoder, clip, codes, target, views)
+    assert len(set(losses.tolist())) == 6  # the candidates differ, and so do their scores
+    assert torch.equal(start[0].argmax(0), codes[int(losses.argmin())]) and float(start.max()) == 5.0
+    result = clipguide.optimise(cfg.replace(snapshots=(0,)), decoder, clip, prior=prior)
+    chosen = F.one_hot(codes[int(losses.argmin())], 512).permute(2, 0, 1)[None].float()
+    assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))  # step 0 shows it (and its average)
 
 
 def test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best(prior_file):

@@ -104,4 +104,3 @@ def test_the_shipped_clip_ranks_a_clean_sample_of_the_prior_above_its_near_misse
     images = decoder.decode(torch.nn.functional.one_hot(codes, 512).permute(0, 3, 1, 2).float()).clamp(0, 1)
     wins, pairs = clean_over_near_misses(clipguide.load_clip("shapes"), images, J.judge_batch(images))
     assert pairs >= 200 and wins / pairs >= 0.87, (wins, pairs)
-
