@@ -31,7 +31,7 @@ from .errors import (
     NonFiniteError,
     one_line,
 )
-from .models.loading import load_models, load_prior_of
+from .models.loading import load_models, load_prior_of, load_ranker_of
 from .presets import DEFAULT_PRESET, get_preset
 from .records.checkpoints import FILENAME, read_checkpoint
 from .records.files import save_json, slug
@@ -274,8 +274,8 @@ def run_generation(args, prompts: list[str]) -> int:
     for p in cfg.prompts:  # unreadable images fail now, before models are loaded
         run_parents(p, cfg.init_image)
     decoder, clip = load_models(cfg)
-    prior = load_prior_of(cfg)
-    check_fits(cfg, decoder, prior)
+    prior, ranker = load_prior_of(cfg), load_ranker_of(cfg)
+    check_fits(cfg, decoder, prior, ranker)
     audit = audit_options(args, cfg)
     for note in (vocabulary_note(cfg), thread_note(cfg.device)):
         if note:
@@ -283,7 +283,7 @@ def run_generation(args, prompts: list[str]) -> int:
     print(f"clipguide: preset {args.preset}; decoder {decoder.name}, CLIP {clip.name}; {len(cfg.runs())} run(s) x "
           f"{describe_proposals(cfg, prior)}{cfg.steps} steps on {cfg.device}, {torch.get_num_threads()} thread(s) -> {out}", file=sys.stderr)
     def loop(callbacks):
-        return run_session(cfg, out, models=(decoder, clip), prior=prior, preset=args.preset, callback=callbacks,
+        return run_session(cfg, out, models=(decoder, clip), prior=prior, ranker=ranker, preset=args.preset, callback=callbacks,
                            overwrite=args.overwrite, checkpoint_every=args.checkpoint_every, **audit)
 
     return report_run(loop, out, cfg.steps, args.quiet)

@@ -122,6 +122,8 @@ class RunConfig:
     prior_resample_top: int = _f("prior", 4, "how many of the best-rated candidates --prior-resample completes")
     prior_keep: tuple[float, ...] = _f("prior", (0.25, 0.375, 0.5, 0.625, 0.75),
                                        "where --prior-resample cuts the candidates, as fractions of the grid's rows kept")
+    prior_clip: str = _f("prior", "", "the CLIP that rates the candidates and completions, a --clip spec (e.g. a larger one "
+                         "than the CLIP that guides the steps); empty: the run's --clip")
     prior_weight: float = _f("prior", 0.0, "weight of the prior's negative log-likelihood of the relaxed codes, in nats per "
                              "code, added to the loss (0: off)")
     # decoding
@@ -231,6 +233,9 @@ class RunConfig:
                               f"keeps that many of the candidates for the full views, got {self.prior_shortlist}"
                               + ("; add --prior-candidates N" if not self.prior_candidates else ""))
         self.check_resample()
+        if self.prior_clip and not self.prior_candidates:
+            raise ConfigError(f"--prior-clip {self.prior_clip} rates the prior's candidates: add --prior-candidates N, "
+                              "or leave --prior-clip out")
         if self.prior_candidates and (self.init_image or self.init_noise):
             raise ConfigError(f"--prior-candidates and --init-{'image' if self.init_image else 'noise'} both choose "
                               "where a run starts: drop one")

@@ -114,12 +114,12 @@ def test_banner_names_device_and_threads(capsys, small, tmp_path):
     banner = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("clipguide: preset"))
     assert "on cpu, 1 thread(s)" in banner and "candidates" not in banner, banner
     # with a prior's proposals (the default's 512 and 80 completions; 4 and 2 x 5 here), the banner says
-    # what the first seconds are spent on
+    # what the first seconds are spent on, and which CLIP rates them when it is not the run's own
     assert main(["generate", "a red circle", "--prior-candidates", "4", "--prior-shortlist", "2", "--prior-resample", "1",
-                 "--steps", "1", "--threads", "1", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+                 "--prior-clip", "shapes", "--steps", "1", "--threads", "1", "--out", str(tmp_path / "p"), "--quiet"]) == 0
     banner = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("clipguide: preset"))
     assert "preset shapes-rerank" in banner, banner
-    assert "1 run(s) x 4 candidates from shapes-prior and 10 completions then 1 steps" in banner, banner
+    assert "1 run(s) x 4 candidates from shapes-prior and 10 completions rated by shapes then 1 steps" in banner, banner
 
 
 def test_device_auto_resolves_and_the_manifest_records_the_device_used(monkeypatch, small, tmp_path, capsys):

@@ -726,6 +726,7 @@ CHECKED_ELSEWHERE = {
     "prior_weight": "test_prior.py::test_the_prior_term_adds_its_nll_to_the_loss",
     "prior_shortlist": "test_prior.py::test_a_shortlist_starts_from_the_full_score_best_of_the_candidates_the_glance_rates_best",
     "prior_resample": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
+    "prior_clip": "test_prior.py::test_another_clip_rates_the_proposals_when_the_config_names_one",
     "prior_resample_top": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
     "prior_keep": "test_prior.py::test_resampling_starts_from_the_best_of_the_candidates_and_their_completions",
     "height": "test_sizes.py::test_a_non_square_run_writes_its_size_everywhere_and_resumes_bit_for_bit",

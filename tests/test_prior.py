@@ -184,6 +184,42 @@ def test_resampling_starts_from_the_best_of_the_candidates_and_their_completions
     assert torch.equal(plain[0].argmax(0), codes[order[0]])
 
 
+def test_another_clip_rates_the_proposals_when_the_config_names_one(prior_file, tiny_model_files, tmp_path):
+    """--prior-clip: the candidates are rated by that CLIP toward its own encoding of the prompt, while the run's
+    CLIP guides the steps; the run records both, and a resume checks both."""
+    from clipguide.engine.prompts import encode_targets
+    from clipguide.engine.proposals import candidate_losses
+
+    spec = str(tiny_model_files[1])  # a tiny random CLIP: it rates the candidates otherwise than the shapes CLIP
+    cfg, decoder, clip, prior, _, target, views, codes = proposals_of(prior_file, prior_candidates=6, prior_clip=spec)
+    ranker = clipguide.load_clip(spec)
+    embeds, weights, stops = encode_targets(ranker, [PROMPT], cfg, [cfg.seed]).at(0)
+    by_ranker = candidate_losses(cfg, decoder, ranker, codes, (embeds[0], weights[0], stops[0]), views)
+    assert int(by_ranker.argmin()) != int(candidate_losses(cfg, decoder, clip, codes, target, views).argmin())
+    result = clipguide.optimise(cfg.replace(snapshots=(0,)), decoder, clip, prior=prior, ranker=ranker)
+    chosen = F.one_hot(codes[int(by_ranker.argmin())], 512).permute(2, 0, 1)[None].float()
+    assert torch.equal(result.snapshots[0], decoder.decode(chosen).clamp(0, 1))
+    with pytest.raises(ConfigError, match="pass the loaded CLIP to optimise"):
+        clipguide.optimise(cfg, decoder, clip, prior=prior)
+
+    kw = dict(prior=str(prior_file), prior_candidates=4, prior_clip=spec, **SMALL)
+    done = clipguide.generate(PROMPT, "shapes", out_dir=tmp_path / "a", **kw)
+    models = json.loads((tmp_path / "a" / "manifest.json").read_text())["models"]
+    assert models["prior_clip"]["sha256"] == ranker.sha256 and models["clip"]["name"] == "shapes"
+
+    def stop_at_2(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    clipguide.generate(PROMPT, "shapes", out_dir=tmp_path / "b", callback=stop_at_2, **kw)
+    assert torch.equal(clipguide.resume(tmp_path / "b").images, done.images)
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())  # a replay names a changed ranking CLIP
+    manifest["models"]["prior_clip"]["sha256"] = "0" * 64
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    report = clipguide.replay(tmp_path / "a" / "manifest.json")
+    assert report.identical and f"prior_clip sha256: recorded {'0' * 64}, replayed with {ranker.sha256}" in report.differences
+
+
 def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
     base = clipguide.generate(PROMPT, "shapes", **SMALL)
     weighted = clipguide.generate(PROMPT, "shapes", prior=str(prior_file), prior_weight=1.0, **SMALL)
@@ -206,6 +242,7 @@ def test_the_prior_term_adds_its_nll_to_the_loss(prior_file):
     (dict(prior="x.json", prior_candidates=8, prior_resample=-1), r"--prior-resample must be 0 \(off\)"),
     (dict(prior="x.json", prior_candidates=8, prior_resample=2, prior_keep=(0.5, 1.0)), "between 0 and 1"),
     (dict(prior="x.json", prior_candidates=8, prior_resample=2, prior_keep=()), "between 0 and 1"),
+    (dict(prior="x.json", prior_weight=1.0, prior_clip="shapes"), "add --prior-candidates N, or leave --prior-clip out"),
 ])
 def test_prior_fields_that_do_not_go_together_are_refused(fields, message):
     with pytest.raises(ConfigError, match=message):

@@ -36,14 +36,20 @@ if TYPE_CHECKING:  # the config imports the engine's tables of names
 Callback = Callable[[StepState], None]
 
 
-def describe_models(decoder, clip, cfg: RunConfig | None = None, prior=None) -> dict:
+def describe_clip(clip) -> dict | None:
+    """A CLIP's record in a run's models (None for a run without one)."""
+    return None if clip is None else {"name": clip.name, "sha256": clip.sha256, "image_size": clip.image_size}
+
+
+def describe_models(decoder, clip, cfg: RunConfig | None = None, prior=None, ranker=None) -> dict:
     """What identifies the models of a run: names, weight sha256s, sizes (recorded with its files).
     With ``cfg``: a run with an init image also records a dVAE encoder kept in its own file (OpenAI's
-    encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only."""
-    clip_record = None if clip is None else {"name": clip.name, "sha256": clip.sha256, "image_size": clip.image_size}
+    encoder.pkl), which this loads; see DalleDecoder.describe for why it depends on ``cfg`` only.
+    ``ranker``: the CLIP of ``cfg.prior_clip``, which rated the prior's proposals."""
     encodes = cfg is not None and bool(cfg.init_image or cfg.init_noise or cfg.zoom_every)  # the zoom re-encodes too
-    record = {"decoder": decoder.describe(encoder=encodes), "clip": clip_record}
-    return record if prior is None else {**record, "prior": prior.describe()}
+    record = {"decoder": decoder.describe(encoder=encodes), "clip": describe_clip(clip)}
+    record |= {} if prior is None else {"prior": prior.describe()}
+    return record if ranker is None else {**record, "prior_clip": describe_clip(ranker)}
 
 
 def as_callbacks(callback) -> list:
@@ -74,14 +80,14 @@ def grid_of(cfg: RunConfig, decoder) -> tuple[int, int]:
     return height // f, width // f
 
 
-def check_fits(cfg: RunConfig, decoder, prior=None) -> None:
-    """Raise ConfigError for what ``cfg`` asks of ``decoder`` (and ``prior``) that they cannot do (the size,
-    the latent, the prior's grid), so that callers can refuse a run before they create its folder."""
+def check_fits(cfg: RunConfig, decoder, prior=None, ranker=None) -> None:
+    """Raise ConfigError for what ``cfg`` asks of ``decoder`` (and ``prior``, ``ranker``) that they cannot do (the
+    size, the latent, the prior's grid), so that callers can refuse a run before they create its folder."""
     check_latent(cfg, decoder.vocab_size, decoder)
     if cfg.augments:  # Kornia is optional: its absence is one line before anything is written
         require_kornia()
     check_zoom(cfg, decoder)
-    check_prior(cfg, prior, decoder.vocab_size, grid_of(cfg, decoder))
+    check_prior(cfg, prior, decoder.vocab_size, grid_of(cfg, decoder), ranker)
 
 
 def code_bias(cfg: RunConfig, decoder) -> torch.Tensor | None:
@@ -151,30 +157,36 @@ class Loop:
         return self.step.latent
 
 
-def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool = False) -> Loop:
+def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool = False, ranker=None) -> Loop:
     """The latent, renderer, objective and optimiser of ``cfg.runs()``; with ``cfg.prior_candidates`` the
-    latent starts from the prior's best proposal (not when ``resuming``: the checkpoint holds the start)."""
-    runs = cfg.runs()
+    latent starts from the prior's best proposal (not when ``resuming``: the checkpoint holds the start),
+    as the run's CLIP rates it or, with ``cfg.prior_clip``, as ``ranker`` does."""
+    runs, ranker = cfg.runs(), ranker if cfg.prior_clip and cfg.prior_candidates else None
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
     grid = grid_of(cfg, decoder)
-    check_prior(cfg, prior, decoder.vocab_size, grid)  # (make_latent checks the latent)
+    check_prior(cfg, prior, decoder.vocab_size, grid, ranker)  # (make_latent checks the latent)
     latent = make_latent(cfg, decoder.vocab_size, grid, gens, code_bias(cfg, decoder), decoder=decoder).to(cfg.device)
     if objective is None:
-        targets = encode_targets(clip, [p for p, _ in runs], cfg, seeds)
+        prompts = [p for p, _ in runs]
+        targets = encode_targets(clip, prompts, cfg, seeds)
         step = Step.for_prompts(cfg, decoder, clip, latent, targets, seeds, prior)
         if cfg.prior_candidates and not resuming:
             guide = step.objective.guide
-            latent.restart(propose(cfg, prior, step.renderer.decoder, guide.clip, guide.targets, seeds))
+            rater, rated = guide.clip, guide.targets
+            if ranker is not None:  # --prior-clip: another CLIP rates the proposals, toward its own targets
+                rater, rated = ranker, encode_targets(ranker, prompts, cfg, seeds)
+            latent.restart(propose(cfg, prior, step.renderer.decoder, rater, rated, seeds))
     else:
         step = Step(Renderer(cfg, cast_decoder(cfg, decoder), latent, seeds), objective)
-    models = describe_models(decoder, clip, cfg, prior if cfg.prior else None)
+    models = describe_models(decoder, clip, cfg, prior if cfg.prior else None, ranker)
     opt = make_optimiser(cfg, [latent.param])
     return Loop(cfg, runs, gens, step, opt, models, make_zoom(cfg, decoder, step.renderer, opt))
 
 
 def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = None, *,
-             resume_from: Checkpoint | None = None, objective: Objective | None = None, prior=None) -> Result:
+             resume_from: Checkpoint | None = None, objective: Objective | None = None, prior=None,
+             ranker=None) -> Result:
     """Optimise ``cfg.runs()`` (prompts x seeds) together for ``cfg.steps`` steps.
 
     ``objective`` (a callable ``(View, backward) -> Evaluation``, see :mod:`clipguide.engine.objective`)
@@ -185,13 +197,14 @@ def optimise(cfg: RunConfig, decoder, clip, callback: Callback | list | None = N
     written to disk.  ``resume_from`` (a :class:`Checkpoint` of this config, ``steps`` and ``snapshots``
     aside) continues a run from its step, bit for bit; callbacks then start at that step.  A NaN or
     infinite loss or latent raises :class:`NonFiniteError` naming the step, after the callbacks of the
-    last good step.  ``prior`` is the token prior that ``cfg.prior`` names (:func:`clipguide.load_prior`).
+    last good step.  ``prior`` is the token prior that ``cfg.prior`` names (:func:`clipguide.load_prior`),
+    ``ranker`` the CLIP that ``cfg.prior_clip`` names (:func:`clipguide.load_clip`).
     """
     if not cfg.prompts:
         raise ConfigError("no prompt given: pass at least one prompt")
     if cfg.device == AUTO:  # run where the caller put the models (load_models puts them on the best device)
         cfg = cfg.replace(device=str(getattr(clip, "device", "cpu")))
-    loop = prepare(cfg, decoder, clip, objective, prior, resuming=resume_from is not None)
+    loop = prepare(cfg, decoder, clip, objective, prior, resuming=resume_from is not None, ranker=ranker)
     return drive(loop, as_callbacks(callback), resume_from)
 
 

@@ -36,10 +36,14 @@ def proposal_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k, 0x9A1]).generate_state(1)[0])
 
 
-def check_prior(cfg, prior, vocab: int, grid: tuple[int, int]) -> None:
-    """Raise ConfigError when ``cfg`` names a prior that is missing or models other grids than the run's."""
+def check_prior(cfg, prior, vocab: int, grid: tuple[int, int], ranker=None) -> None:
+    """Raise ConfigError when ``cfg`` names a prior that is missing or models other grids than the run's, or a
+    ``prior_clip`` whose CLIP (``ranker``) was not passed."""
     if not cfg.prior:
         return
+    if cfg.prior_clip and cfg.prior_candidates and ranker is None:
+        raise ConfigError(f"--prior-clip {cfg.prior_clip}: pass the loaded CLIP to optimise(ranker=...) "
+                          "(clipguide.load_clip), or run through generate / run_session, which load it")
     if prior is None:
         raise ConfigError(f"--prior {cfg.prior}: pass the loaded prior to optimise(prior=...) (clipguide.load_prior), "
                           "or run through generate / run_session, which load it")
@@ -73,7 +77,7 @@ def describe_proposals(cfg, prior) -> str:
     said = f"{cfg.prior_candidates} candidates from {cfg.prior}"
     if cfg.prior_resample:
         said += f" and {cfg.prior_resample_top * cfg.prior_resample * len(kept_rows(cfg, prior.grid[0]))} completions"
-    return said + " then "
+    return said + (f" rated by {cfg.prior_clip}" if cfg.prior_clip else "") + " then "
 
 
 def kept_rows(cfg, height: int) -> list[int]:

@@ -43,3 +43,11 @@ def cached_prior(spec: str, device: str):
 def load_prior_of(cfg: RunConfig):
     """The token prior ``cfg.prior`` names (loaded once per process and device), or None."""
     return cached_prior(cfg.prior, check_device(cfg.device)) if cfg.prior else None
+
+
+def load_ranker_of(cfg: RunConfig):
+    """The CLIP ``cfg.prior_clip`` names to rate the prior's proposals (loaded once per process, device and
+    precision), or None: the run's own CLIP rates them."""
+    if not (cfg.prior_clip and cfg.prior_candidates):
+        return None
+    return cached_clip(cfg.prior_clip, check_device(cfg.device), cfg.precision)

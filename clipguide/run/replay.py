@@ -21,7 +21,7 @@ from PIL import Image
 from ..config import RunConfig
 from ..engine.loop import describe_models
 from ..errors import ConfigError
-from ..models.loading import load_models, load_prior_of
+from ..models.loading import load_models, load_prior_of, load_ranker_of
 from ..records.files import read_png_text
 from ..records.images import sha256_of
 from ..records.manifest import MANIFEST, environment, read_manifest
@@ -111,9 +111,9 @@ def replay_config(manifest: dict, recorded: RunConfig, device: str | None) -> Ru
 
 def _run(cfg: RunConfig, out: Path, preset: str | None, overwrite: bool, audit: dict) -> dict:
     decoder, clip = load_models(cfg)
-    prior = load_prior_of(cfg)
-    run_session(cfg, out, models=(decoder, clip), prior=prior, preset=preset, overwrite=overwrite, **audit)
-    return describe_models(decoder, clip, cfg, prior)
+    prior, ranker = load_prior_of(cfg), load_ranker_of(cfg)
+    run_session(cfg, out, models=(decoder, clip), prior=prior, ranker=ranker, preset=preset, overwrite=overwrite, **audit)
+    return describe_models(decoder, clip, cfg, prior, ranker)
 
 
 def _setup_differences(manifest: dict, path: Path, recorded: RunConfig, cfg: RunConfig, models: dict) -> list[str]:
@@ -125,8 +125,8 @@ def _setup_differences(manifest: dict, path: Path, recorded: RunConfig, cfg: Run
         out.append(f"device: recorded {recorded.device}, replayed on {cfg.device}")
     if cfg.steps != recorded.steps:
         out.append(f"the recorded run was interrupted at step {cfg.steps} of {recorded.steps}: replayed {cfg.steps} steps")
-    for role in ("decoder", "clip"):
-        was, got = manifest.get("models", {}).get(role, {}), models[role]
+    for role in ("decoder", "clip", "prior", "prior_clip"):  # the last two where the run has them
+        was, got = manifest.get("models", {}).get(role) or {}, models.get(role) or {}
         for key in ("name", "sha256", "encoder_sha256"):  # encoder_sha256: a dVAE's encoder.pkl, init-image runs only
             if was.get(key) != got.get(key):
                 out.append(f"{role} {key}: recorded {was.get(key)}, replayed with {got.get(key)}")

@@ -12,7 +12,7 @@ from ..engine.loop import describe_models
 from ..engine.prompts import run_parents
 from ..engine.state import Checkpoint, differing
 from ..errors import CheckpointError, ConfigError, WeightsError
-from ..models.loading import load_models, load_prior_of
+from ..models.loading import load_models, load_prior_of, load_ranker_of
 from ..records.checkpoints import FILENAME, read_checkpoint
 from ..records.files import remove_temporaries
 from ..records.manifest import environment, read_manifest
@@ -71,7 +71,7 @@ def open_run(run_dir, steps: int | None = None, checkpoint_every: int | None = N
                               f"pass {checkpoint.step} or more")
         cfg = cfg.replace(steps=steps)
     decoder, clip = load_models(cfg)
-    models = json.loads(json.dumps(describe_models(decoder, clip, cfg, load_prior_of(cfg))))
+    models = json.loads(json.dumps(describe_models(decoder, clip, cfg, load_prior_of(cfg), load_ranker_of(cfg))))
     then = checkpoint.info.get("models") or manifest["models"]
     if then != models:
         raise WeightsError(f"the models differ from those {run_dir} was made with ({_model_change(then, models)}): "

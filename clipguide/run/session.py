@@ -16,7 +16,7 @@ from ..config import RunConfig
 from ..engine.loop import as_callbacks, optimise
 from ..engine.state import Checkpoint, Result
 from ..errors import ConfigError, WeightsError, error_detail
-from ..models.loading import load_models, load_prior_of
+from ..models.loading import load_models, load_prior_of, load_ranker_of
 from .checkpoints import DEFAULT_EVERY, Checkpointer
 from .snapshots import Snapshotter
 
@@ -24,11 +24,11 @@ from .snapshots import Snapshotter
 def run_session(cfg: RunConfig, out_dir: str | Path | None = None, *, models: tuple | None = None,
                 preset: str | None = None, callback=None, overwrite: bool = False, output_filter=None,
                 scorer=None, checkpoint_every: int = DEFAULT_EVERY, checkpoint: Checkpoint | None = None,
-                manifest: dict | None = None, objective=None, prior=None) -> Result:
+                manifest: dict | None = None, objective=None, prior=None, ranker=None) -> Result:
     """Run ``cfg`` (its prompts x seeds) and, with ``out_dir``, write its folder as it goes.
 
     ``models``: (decoder, clip), or None to load the config's (once per process); ``prior``: the token
-    prior ``cfg.prior`` names, or None to load it.  ``callback``: a
+    prior ``cfg.prior`` names, or None to load it; ``ranker``: likewise the CLIP ``cfg.prior_clip`` names.  ``callback``: a
     callable or a sequence of them, called after the folder's own at every step.  ``output_filter``
     screens and ``scorer`` scores every snapshot; a checkpoint is written every ``checkpoint_every``
     steps, at every snapshot and at the end.  ``checkpoint`` with the folder's ``manifest`` continues
@@ -37,9 +37,11 @@ def run_session(cfg: RunConfig, out_dir: str | Path | None = None, *, models: tu
     """
     decoder, clip = models if models is not None else load_models(cfg)
     prior = prior if prior is not None else load_prior_of(cfg)
+    ranker = ranker if ranker is not None else load_ranker_of(cfg)
     callbacks = as_callbacks(callback)
     if out_dir is None:
-        return optimise(cfg, decoder, clip, callbacks, resume_from=checkpoint, objective=objective, prior=prior)
+        return optimise(cfg, decoder, clip, callbacks, resume_from=checkpoint, objective=objective, prior=prior,
+                        ranker=ranker)
     saver = Snapshotter(out_dir, cfg, preset=preset, overwrite=overwrite or manifest is not None,
                         output_filter=output_filter, scorer=scorer)
     step = None if checkpoint is None else checkpoint.step
@@ -47,7 +49,7 @@ def run_session(cfg: RunConfig, out_dir: str | Path | None = None, *, models: tu
         saver.adopt(manifest, step)
     keeper = Checkpointer(out_dir, checkpoint_every, preset=preset, resumed_at=step)
     result = optimise(cfg, decoder, clip, [saver, keeper, *callbacks], resume_from=checkpoint, objective=objective,
-                      prior=prior)
+                      prior=prior, ranker=ranker)
     saver.finish(result)
     keeper.finish(result)
     return result

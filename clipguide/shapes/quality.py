@@ -19,7 +19,7 @@ from ..engine.losses import cosine_similarities
 from ..engine.objective import Objective, PixelObjective
 from ..engine.prompts import encode_targets
 from ..engine.proposals import proposal_seed, propose
-from ..models.loading import load_prior_of
+from ..models.loading import load_prior_of, load_ranker_of
 from . import judge as judge_mod
 from .scenes import canonical_prompts, render, sample_scenes, to_tensor
 
@@ -129,12 +129,13 @@ def fit_gaps(cfg, clip, images, fitted, pairs, draws: int = 4) -> list[float]:
 def judge_proposals(cfg, decoder, clip, prior, pairs) -> dict:
     """The prior's part alone, judged against each prompt: with ``cfg.prior_candidates`` 1, a plain sample
     of the prior; with more, the one CLIP rates best (the rerank, and with ``cfg.prior_resample`` the best of the
-    candidates and their completions; no optimisation)."""
+    candidates and their completions; no optimisation), rated by ``cfg.prior_clip``'s CLIP where it names one."""
     cfg = cfg.replace(prompts=tuple(p for p, _ in pairs)).resolved()
     runs = cfg.runs()
     t0 = time.perf_counter()
-    targets = encode_targets(clip, [p for p, _ in runs], cfg, [s for _, s in runs])
-    start = propose(cfg, prior, decoder, clip, targets, [s for _, s in runs])
+    rater = load_ranker_of(cfg) or clip
+    targets = encode_targets(rater, [p for p, _ in runs], cfg, [s for _, s in runs])
+    start = propose(cfg, prior, decoder, rater, targets, [s for _, s in runs])
     one_hot = torch.nn.functional.one_hot(start.argmax(1), prior.vocab_size).permute(0, 3, 1, 2).float()
     images = decoder.decode(one_hot).clamp(0, 1)
     seconds = time.perf_counter() - t0
@@ -179,7 +180,7 @@ def evaluate(cfg, decoder, clip, pairs, judge_every: int = 25, prior=None) -> di
     targets = [t for _, t in pairs for _ in range(cfg.batch)]
     tracker = JudgeEvery(targets, judge_every)
     t0 = time.perf_counter()
-    result = optimise(cfg, decoder, clip, tracker, prior=prior)
+    result = optimise(cfg, decoder, clip, tracker, prior=prior, ranker=load_ranker_of(cfg))
     seconds = time.perf_counter() - t0
     verdicts = judge_mod.judge_batch(result.images)
     acc = judge_mod.accuracy(verdicts, targets)
