@@ -48,8 +48,11 @@ def describe_models(decoder, clip, cfg: RunConfig | None = None, prior=None, ran
     ``ranker``: the CLIP of ``cfg.prior_clip``, which rated the prior's proposals."""
     encodes = cfg is not None and bool(cfg.init_image or cfg.init_noise or cfg.zoom_every)  # the zoom re-encodes too
     record = {"decoder": decoder.describe(encoder=encodes), "clip": describe_clip(clip)}
-    record |= {} if prior is None else {"prior": prior.describe()}
-    return record if ranker is None else {**record, "prior_clip": describe_clip(ranker)}
+    if prior is not None:
+        record["prior"] = prior.describe()
+    if ranker is not None:
+        record["prior_clip"] = describe_clip(ranker)
+    return record
 
 
 def as_callbacks(callback) -> list:
@@ -161,7 +164,7 @@ def prepare(cfg: RunConfig, decoder, clip, objective, prior=None, resuming: bool
     """The latent, renderer, objective and optimiser of ``cfg.runs()``; with ``cfg.prior_candidates`` the
     latent starts from the prior's best proposal (not when ``resuming``: the checkpoint holds the start),
     as the run's CLIP rates it or, with ``cfg.prior_clip``, as ``ranker`` does."""
-    runs, ranker = cfg.runs(), ranker if cfg.prior_clip and cfg.prior_candidates else None
+    runs, ranker = cfg.runs(), ranker if cfg.prior_clip else None
     seeds = [s for _, s in runs]
     gens = make_generators(seeds)
     grid = grid_of(cfg, decoder)

@@ -41,7 +41,7 @@ def check_prior(cfg, prior, vocab: int, grid: tuple[int, int], ranker=None) -> N
     ``prior_clip`` whose CLIP (``ranker``) was not passed."""
     if not cfg.prior:
         return
-    if cfg.prior_clip and cfg.prior_candidates and ranker is None:
+    if cfg.prior_clip and ranker is None:
         raise ConfigError(f"--prior-clip {cfg.prior_clip}: pass the loaded CLIP to optimise(ranker=...) "
                           "(clipguide.load_clip), or run through generate / run_session, which load it")
     if prior is None:

@@ -48,6 +48,4 @@ def load_prior_of(cfg: RunConfig):
 def load_ranker_of(cfg: RunConfig):
     """The CLIP ``cfg.prior_clip`` names to rate the prior's proposals (loaded once per process, device and
     precision), or None: the run's own CLIP rates them."""
-    if not (cfg.prior_clip and cfg.prior_candidates):
-        return None
-    return cached_clip(cfg.prior_clip, check_device(cfg.device), cfg.precision)
+    return cached_clip(cfg.prior_clip, check_device(cfg.device), cfg.precision) if cfg.prior_clip else None

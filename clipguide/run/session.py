@@ -28,8 +28,8 @@ def run_session(cfg: RunConfig, out_dir: str | Path | None = None, *, models: tu
     """Run ``cfg`` (its prompts x seeds) and, with ``out_dir``, write its folder as it goes.
 
     ``models``: (decoder, clip), or None to load the config's (once per process); ``prior``: the token
-    prior ``cfg.prior`` names, or None to load it; ``ranker``: likewise the CLIP ``cfg.prior_clip`` names.  ``callback``: a
-    callable or a sequence of them, called after the folder's own at every step.  ``output_filter``
+    prior ``cfg.prior`` names, or None to load it; ``ranker``: likewise the CLIP ``cfg.prior_clip`` names.
+    ``callback``: a callable or a sequence of them, called after the folder's own at every step.  ``output_filter``
     screens and ``scorer`` scores every snapshot; a checkpoint is written every ``checkpoint_every``
     steps, at every snapshot and at the end.  ``checkpoint`` with the folder's ``manifest`` continues
     a recorded run from that step, bit for bit (:func:`clipguide.resume`).  ``objective`` replaces
