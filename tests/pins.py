@@ -9,25 +9,13 @@ resume check still run; only the comparison with recorded hashes is skipped, nam
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import pytest
 
+from clipguide.records.manifest import cpu_vendor  # also what a run's manifest records
+
 RECORD = bool(os.environ.get("CLIPGUIDE_PIN_RECORD"))
-
-
-def cpu_vendor() -> str:
-    """The CPU vendor (``AuthenticAMD``, ``GenuineIntel``; the architecture where /proc/cpuinfo does not say)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine() or "unknown"
-
-
 CPU = cpu_vendor()
 
 

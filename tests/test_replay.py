@@ -9,6 +9,7 @@ from PIL import Image
 
 import clipguide
 from clipguide import ConfigError, replay
+from clipguide.records.manifest import cpu_vendor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,14 +70,21 @@ def test_a_changed_snapshot_is_reported_with_its_pixel_difference(recorded, tmp_
 
 def test_environment_and_model_differences_are_named(recorded, tmp_path):
     def change(m):
-        m["environment"].update(torch="0.0.1", threads=7)
+        m["environment"].update(torch="0.0.1", threads=7, cpu="OtherVendor")
         m["models"]["decoder"]["sha256"] = "0" * 64
 
     report = replay(edited(recorded, tmp_path, change), threads=1)
     assert report.identical  # recorded on one thread, replayed on one: same pixels
     assert "torch: recorded 0.0.1, replayed with" in report.differences[0]
     assert "threads: recorded 7, replayed with 1" in report.differences
+    assert f"cpu: recorded OtherVendor, replayed with {cpu_vendor()}" in report.differences
     assert any(d.startswith("decoder sha256: recorded 000") for d in report.differences)
+
+
+def test_a_manifest_from_before_the_cpu_was_recorded_is_not_called_different(recorded, tmp_path):
+    assert json.loads((recorded / "manifest.json").read_text())["environment"]["cpu"] == cpu_vendor()
+    report = replay(edited(recorded, tmp_path, lambda m: m["environment"].pop("cpu")), threads=1)
+    assert report.identical and not [d for d in report.differences if d.startswith("cpu")], report.differences
 
 
 def test_a_changed_seed_is_caught_against_the_pngs_provenance(recorded, tmp_path):

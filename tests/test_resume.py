@@ -570,13 +570,13 @@ def test_resuming_in_another_environment_warns_naming_what_differs(model_flags, 
         clipguide.resume(run, steps=3)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    elsewhere(monkeypatch, torch="0.0.1", clipguide="0.0.0")
+    elsewhere(monkeypatch, torch="0.0.1", clipguide="0.0.0", cpu="OtherVendor")
     with pytest.warns(UserWarning) as caught:
         clipguide.resume(run, steps=4)
     (message,) = [str(w.message) for w in caught]
     assert message == (f"resuming {run} in another environment (torch {recorded['torch']} -> 0.0.1; clipguide "
-                       f"{recorded['clipguide']} -> 0.0.0): the continuation will not be bit-identical to an "
-                       "uninterrupted run"), message
+                       f"{recorded['clipguide']} -> 0.0.0; cpu {recorded['cpu']} -> OtherVendor): the continuation "
+                       "will not be bit-identical to an uninterrupted run"), message
     monkeypatch.undo()
     threads = torch.get_num_threads()  # 1 for the whole suite (conftest)
     try:

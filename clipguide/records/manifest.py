@@ -121,16 +121,39 @@ def _snapshot_problem(snap, runs: int) -> str | None:
     return None
 
 
+# What a run's bytes depend on besides its config and models, so what a resume and a replay compare: the CPU's
+# vendor too, since torch's math libraries take other float kernels on AMD and Intel (docs/reproducibility.md).
+ENVIRONMENT_KEYS = ("torch", "clipguide", "python", "threads", "cpu")
+
+
 def environment() -> dict:
     return {
         "clipguide": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_vendor(),
         "platform": platform.platform(),
         "command": shlex.join(sys.argv),  # the command line that made the files
         "backends": backend_settings(),
     }
+
+
+def environment_differences(then: dict, now: dict) -> list[tuple[str, object, object]]:
+    """(key, recorded, now) for each of :data:`ENVIRONMENT_KEYS` that differs; a key the record lacks (written
+    before clipguide recorded it) is not called different."""
+    return [(k, then[k], now[k]) for k in ENVIRONMENT_KEYS if k in then and then[k] != now[k]]
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor (``AuthenticAMD``, ``GenuineIntel``; the architecture where /proc/cpuinfo does not say)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown"
 
 
 def backend_settings() -> dict:

@@ -24,10 +24,8 @@ from ..errors import ConfigError
 from ..models.loading import load_models, load_prior_of, load_ranker_of
 from ..records.files import read_png_text
 from ..records.images import sha256_of
-from ..records.manifest import MANIFEST, environment, read_manifest
+from ..records.manifest import MANIFEST, environment, environment_differences, read_manifest
 from .session import recorded_audit, run_session
-
-ENVIRONMENT_KEYS = ("clipguide", "torch", "python", "threads")  # what bit-exactness depends on
 
 
 @dataclass
@@ -119,8 +117,8 @@ def _run(cfg: RunConfig, out: Path, preset: str | None, overwrite: bool, audit: 
 def _setup_differences(manifest: dict, path: Path, recorded: RunConfig, cfg: RunConfig, models: dict) -> list[str]:
     """Everything bit-exactness depends on that differs between the record and this replay."""
     out = []
-    env, now = manifest.get("environment", {}), environment()
-    out += [f"{k}: recorded {env.get(k)}, replayed with {now[k]}" for k in ENVIRONMENT_KEYS if env.get(k) != now[k]]
+    differs = environment_differences(manifest.get("environment", {}), environment())
+    out += [f"{k}: recorded {then}, replayed with {now}" for k, then, now in differs]
     if cfg.device != recorded.device:
         out.append(f"device: recorded {recorded.device}, replayed on {cfg.device}")
     if cfg.steps != recorded.steps:

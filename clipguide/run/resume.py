@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError, WeightsError
 from ..models.loading import load_models, load_prior_of, load_ranker_of
 from ..records.checkpoints import FILENAME, read_checkpoint
 from ..records.files import remove_temporaries
-from ..records.manifest import environment, read_manifest
+from ..records.manifest import environment, environment_differences, read_manifest
 from .checkpoints import DEFAULT_EVERY
 from .session import recorded_audit, run_session
 
@@ -41,8 +41,7 @@ class Resumption:
     def differences(self) -> list[str]:
         """What differs from the environment the checkpoint was written in (then the
         continuation is not bit-identical to an uninterrupted run)."""
-        now, then = environment(), self.recorded_environment
-        return [f"{k} {then[k]} -> {now[k]}" for k in ("torch", "clipguide", "threads") if k in then and then[k] != now[k]]
+        return [f"{k} {then} -> {now}" for k, then, now in environment_differences(self.recorded_environment, environment())]
 
     def run(self, callback=None):
         """Continue the run to ``config.steps``: snapshots, manifest and checkpoints go on in the run directory."""
