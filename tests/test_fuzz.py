@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from clipguide import ClipguideError, ConfigError, PromptError, RunConfig, Snapshotter, get_preset
@@ -151,6 +151,7 @@ def sandbox(tmp_path, monkeypatch):
 
 @settings(FUZZ, max_examples=250)
 @given(command_lines)
+@example(["blend", "\x00"])  # found by the fuzzer (seed 79): Path.resolve raised ValueError in the error message
 def test_command_line_answers_0_or_2_with_one_line_errors(sandbox, argv):
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):

@@ -40,6 +40,8 @@ def read_bytes(source: str, what: str = "image") -> bytes:
     """The bytes of an image file or URL (``what`` names it in errors, e.g. "image prompt")."""
     if is_url(source):
         return _fetch(source, what)
+    if "\x00" in source:  # no file system takes it, and Path.resolve raises on it
+        raise ConfigError(f"{what} {source!r} holds a NUL character: give the image's path")
     path = Path(source).expanduser()
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "does not exist"
