@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shlex
@@ -145,6 +146,7 @@ def environment_differences(then: dict, now: dict) -> list[tuple[str, object, ob
     return [(k, then[k], now[k]) for k in ENVIRONMENT_KEYS if k in then and then[k] != now[k]]
 
 
+@functools.cache  # every checkpoint and snapshot records it; the CPU does not change within a process
 def cpu_vendor() -> str:
     """The CPU vendor (``AuthenticAMD``, ``GenuineIntel``; the architecture where /proc/cpuinfo does not say)."""
     try:
